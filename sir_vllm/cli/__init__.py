@@ -1,0 +1,1 @@
+"""The `sir-vllm` command."""

@@ -1,0 +1,41 @@
+"""`sir-vllm`: prepare models, patch vLLM, evaluate and benchmark policies.
+
+Each subcommand lives in its own module and registers itself with `add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import model_cmd, patches_cmd
+
+SUBCOMMANDS = [model_cmd, patches_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sir-vllm",
+        description=(
+            "SirLLM session memory for vLLM. Serve with "
+            "`vllm serve MODEL --kv-policy sirllm`; this command prepares "
+            "models, applies vLLM patches, evaluates and benchmarks policies."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"sir-vllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model checkpoints sir-vllm runs on: the bundled SmolLM2 and tiny test models."""

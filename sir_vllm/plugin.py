@@ -1,0 +1,34 @@
+"""The `vllm.general_plugins` entry point of sir-vllm.
+
+vLLM calls `register()` in every process it starts (API server, EngineCore,
+workers) and again inside `AsyncEngineArgs.add_cli_args`. It must therefore be
+cheap and safe to call many times.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+PROBE_ENV = "SIR_VLLM_PLUGIN_PROBE"
+
+_registered = False
+
+
+def _record_probe() -> None:
+    """Append `pid<TAB>process-name` to $SIR_VLLM_PLUGIN_PROBE, so tests can see
+    which vLLM processes loaded the plugin."""
+    path = os.environ.get(PROBE_ENV)
+    if not path:
+        return
+    name = multiprocessing.current_process().name
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\t{name}\n")
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _record_probe()

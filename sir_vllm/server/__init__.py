@@ -1,0 +1,1 @@
+"""What `vllm serve --kv-policy ...` adds, and helpers to run such a server."""

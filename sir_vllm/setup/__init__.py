@@ -1,0 +1,1 @@
+"""Installation-time steps: patches to the installed vLLM, environment checks."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: the prepared model and ONE `vllm serve` for the session.
+
+An engine takes about a minute to start on the CPU, so every test that needs a
+server shares this one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sir_vllm.models.bundled import prepare
+from sir_vllm.server.process import CPU_DEFAULT_ARGS, ServerProcess
+
+SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sir_vllm.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def plugin_probe(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("probe") / "plugin-loads.tsv"
+
+
+@pytest.fixture(scope="session")
+def server(bundled_model, plugin_probe, tmp_path_factory):
+    """`vllm serve` on the bundled model, started through the real CLI."""
+    log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
+    proc = ServerProcess(
+        model=str(bundled_model),
+        served_model_name=SERVED_NAME,
+        extra_args=[*CPU_DEFAULT_ARGS, "--max-model-len", "4096"],
+        log_path=log,
+        env={"SIR_VLLM_PLUGIN_PROBE": str(plugin_probe)},
+    )
+    proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300)
