@@ -1,0 +1,75 @@
+"""What one turn of a chat session adds to the token stream.
+
+A session consumes a conversation one turn at a time. Rendering each turn on
+its own would repeat template text (SmolLM2's template adds its default system
+message whenever the first message is not a system message), so a turn renders
+to the *difference* the model's own chat template makes when the turn is
+appended to a conversation:
+
+    first turn   render([user], add_generation_prompt=True)
+    later turns  closing text of the previous answer (whatever of the template's
+                 end-of-message text was not generated: "\\n" after a sampled
+                 <|im_end|>, "<|im_end|>\\n" after a max_tokens cut)
+                 + render(history + [user], gen) - render(history)
+
+The oracle, the replay command and the server all use this, so one
+conversation is one token stream on every path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_PLACEHOLDER = "\u0000SIRVLLM\u0000"
+
+
+@dataclass
+class ChatRenderer:
+    tokenizer: object  # a transformers tokenizer with a chat template
+
+    def __post_init__(self):
+        tok = self.tokenizer
+        u = {"role": "user", "content": "u"}
+        a = {"role": "assistant", "content": _PLACEHOLDER}
+        prompt = tok.apply_chat_template([u], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template([u, a], tokenize=False)
+        if not full.startswith(prompt) or _PLACEHOLDER not in full:
+            raise ValueError("the chat template is not prefix-stable; sessions need one that is")
+        head, self.answer_suffix = full[len(prompt):].split(_PLACEHOLDER)
+        if head:
+            raise ValueError(f"the chat template puts {head!r} before the answer text")
+        self._history = [u, {"role": "assistant", "content": "a"}]
+        self._history_text = tok.apply_chat_template(self._history, tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def user_text(self, content: str, first: bool, role: str = "user") -> str:
+        """Template text of a new message followed by the generation prompt."""
+        msg = {"role": role, "content": content}
+        if first:
+            return self.tokenizer.apply_chat_template([msg], tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(self._history + [msg], tokenize=False,
+                                                  add_generation_prompt=True)
+        assert full.startswith(self._history_text)
+        return full[len(self._history_text):]
+
+    def closing_text(self, answer_ids: list[int]) -> str:
+        """The end-of-message text still owed after a generated answer."""
+        generated = self.tokenizer.decode(answer_ids[-1:], skip_special_tokens=False) if answer_ids else ""
+        suffix = self.answer_suffix
+        for cut in range(len(suffix), 0, -1):  # longest generated prefix of the suffix
+            if generated.endswith(suffix[:cut]):
+                return suffix[cut:]
+        return suffix
+
+    def turn_ids(self, content: str, previous_answer: list[int] | None) -> list[int]:
+        """Token ids a user turn adds; previous_answer None means the first turn."""
+        first = previous_answer is None
+        text = ("" if first else self.closing_text(previous_answer)) + self.user_text(content, first)
+        return self.encode(text)
+
+    def answer_ids(self, text: str) -> list[int]:
+        """A whole assistant message (text + end-of-message), as the choice
+        tasks put the picked answer into the cache."""
+        return self.encode(text) + self.encode(self.answer_suffix)
