@@ -56,7 +56,8 @@ class ChatRenderer:
 
     def closing_text(self, answer_ids: list[int]) -> str:
         """The end-of-message text still owed after a generated answer."""
-        generated = self.tokenizer.decode(answer_ids[-1:], skip_special_tokens=False) if answer_ids else ""
+        tail = answer_ids[-8:]  # enough tokens to hold the whole suffix
+        generated = self.tokenizer.decode(tail, skip_special_tokens=False) if tail else ""
         suffix = self.answer_suffix
         for cut in range(len(suffix), 0, -1):  # longest generated prefix of the suffix
             if generated.endswith(suffix[:cut]):
@@ -68,6 +69,14 @@ class ChatRenderer:
         first = previous_answer is None
         text = ("" if first else self.closing_text(previous_answer)) + self.user_text(content, first)
         return self.encode(text)
+
+    def message_text(self, role: str, content: str, first: bool) -> str:
+        """Template text of one whole message (a stream fed for perplexity)."""
+        msg = {"role": role, "content": content}
+        if first:
+            return self.tokenizer.apply_chat_template([msg], tokenize=False)
+        full = self.tokenizer.apply_chat_template(self._history + [msg], tokenize=False)
+        return full[len(self._history_text):]
 
     def answer_ids(self, text: str) -> list[int]:
         """A whole assistant message (text + end-of-message), as the choice

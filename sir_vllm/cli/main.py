@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import model_cmd, patches_cmd
+from . import eval_cmd, model_cmd, patches_cmd
 
-SUBCOMMANDS = [model_cmd, patches_cmd]
+SUBCOMMANDS = [model_cmd, patches_cmd, eval_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

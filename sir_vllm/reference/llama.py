@@ -77,14 +77,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Neox-style rotary embedding of x [..., T, D] at integer positions [T]."""
-    d = x.shape[-1]
+def rope_table(n: int, d: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [n, d/2] for positions 0..n-1 (angles in float32, as HF and vLLM)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotation of x [..., T, D] by per-position cos/sin [T, D/2]."""
+    d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox-style rotary embedding of x [..., T, D] at integer positions [T]."""
+    cos, sin = rope_table(int(positions.max()) + 1, x.shape[-1], theta, x.dtype)
+    return apply_rope(x, cos[positions], sin[positions])
 
 
 class Llama:
@@ -124,7 +134,7 @@ class Llama:
         B, T = ids.shape
         N = len(cache)
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        positions = torch.arange(N + T)
+        cos, sin = rope_table(N + T, D, c.rope_theta, self.dtype)
         # New tokens see the whole cache and, causally, each other.
         mask = torch.ones(T, N + T, dtype=torch.bool).tril(diagonal=N)
         x = w["embed_tokens.weight"][ids]
@@ -137,14 +147,13 @@ class Llama:
             v = F.linear(h, w[p + "self_attn.v_proj.weight"]).view(B, T, Hkv, D).transpose(1, 2)
             new_k.append(k)
             new_v.append(v)
-            keys = torch.cat([cache.keys[i].expand(B, -1, -1, -1), k], dim=2)
+            # Every cached key is rotated by its index in the cache, every step.
+            cached = apply_rope(cache.keys[i], cos[:N], sin[:N]).expand(B, -1, -1, -1)
+            keys = torch.cat([cached, apply_rope(k, cos[N:], sin[N:])], dim=2)
             vals = torch.cat([cache.values[i].expand(B, -1, -1, -1), v], dim=2)
-            q = rope(q, positions[N:], c.rope_theta)
-            keys = rope(keys, positions, c.rope_theta)
-            keys = keys.repeat_interleave(H // Hkv, dim=1)
-            vals = vals.repeat_interleave(H // Hkv, dim=1)
+            q = apply_rope(q, cos[N:], sin[N:])
             att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask,
-                                                 scale=1.0 / math.sqrt(D))
+                                                 scale=1.0 / math.sqrt(D), enable_gqa=H != Hkv)
             x = x + F.linear(att.transpose(1, 2).reshape(B, T, H * D), w[p + "self_attn.o_proj.weight"])
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             gate = F.silu(F.linear(h, w[p + "mlp.gate_proj.weight"]))

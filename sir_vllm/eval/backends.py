@@ -1,0 +1,83 @@
+"""Where a task's sessions run. `reference`: the oracle in this process.
+
+A backend opens sessions; a session answers choice turns (picks a candidate,
+which then stays in its cache) and feeds text (for perplexity). The server
+backend (a live `vllm serve --kv-policy ...`) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..chat import ChatRenderer
+from ..policy import Policy
+from . import scoring
+
+
+@dataclass
+class Choice:
+    index: int
+    logprobs: list[list[float]]
+    retained: int
+
+
+class Session(Protocol):
+    def choose(self, question: str, texts: list[str], mode: str) -> Choice: ...
+    def feed(self, role: str, content: str) -> list[float]: ...
+
+
+class ReferenceBackend:
+    """Sessions of the PyTorch oracle on a local checkpoint."""
+
+    name = "reference"
+
+    def __init__(self, model_dir: Path | str):
+        from transformers import AutoTokenizer
+
+        from ..reference import Llama
+
+        self.model = Llama(model_dir)
+        self.renderer = ChatRenderer(AutoTokenizer.from_pretrained(model_dir))
+
+    def new_session(self, policy: Policy) -> "ReferenceChatSession":
+        return ReferenceChatSession(self, policy)
+
+
+class ReferenceChatSession:
+    def __init__(self, backend: ReferenceBackend, policy: Policy):
+        from ..reference import ReferenceSession
+
+        self.r = backend.renderer
+        self.session = ReferenceSession(backend.model, policy)
+        self.last_answer: list[int] | None = None
+        self.first_message = True
+
+    def choose(self, question: str, texts: list[str], mode: str) -> Choice:
+        context = self.r.turn_ids(question, self.last_answer)
+        cands = [self.r.answer_ids(t) for t in texts]
+        lengths = [len(self.r.encode(t)) for t in texts]
+        turn = self.session.choose(
+            context, cands, pick=lambda lps: scoring.pick(mode, texts, lengths, lps))
+        self.last_answer = cands[turn.choice]
+        return Choice(turn.choice, turn.candidate_logprobs, turn.retained)
+
+    def holds_text(self, text: str) -> bool:
+        """Whether the tokens of `text` still sit, contiguous, in the cache."""
+        needle, hay = self.r.encode(text), self.session.ids
+        return any(hay[i:i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
+
+    def feed(self, role: str, content: str) -> list[float]:
+        ids = self.r.encode(self.r.message_text(role, content, self.first_message))
+        self.first_message = False
+        logprobs, _ = self.session.feed(ids)
+        return logprobs
+
+
+def make_backend(name: str, model: str | None = None, url: str | None = None):
+    if name == "reference":
+        if not model:
+            raise ValueError("--backend reference needs --model DIR")
+        return ReferenceBackend(model)
+    raise ValueError(f"unknown backend {name!r} (available: reference)")

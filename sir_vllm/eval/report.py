@@ -1,0 +1,49 @@
+"""Tables in the paper's layout (Markdown, printed and written) and JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def policy_label(policy: dict) -> str:
+    if policy["name"] == "sirllm":
+        return (f"SirLLM {policy['start_size']}+{policy['entropy_size']}+{policy['recent_size']}"
+                f" d={policy['decay']:g} ({policy['score']})")
+    if policy["name"] == "streaming":
+        return f"StreamingLLM {policy['start_size']}+{policy['recent_size']}"
+    return "full cache"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def table(result: dict) -> str:
+    task, m, label = result["task"], result["metrics"], policy_label(result["policy"])
+    if task == "grocery":
+        kept = _pct(m["key_in_cache"]) if "key_in_cache" in m else "n/a"
+        rows = ["| method | scoring | ACC_c | ACC_g | key in cache at recall | dialogues |",
+                "|---|---|---|---|---|---|",
+                f"| {label} | {result['scoring']} | {_pct(m['acc_c'])} | {_pct(m['acc_g'])} "
+                f"| {kept} | {m['n_dialogues']} |"]
+    elif task == "dailydialog":
+        rows = ["| method | scoring | Acc | rows |", "|---|---|---|---|",
+                f"| {label} | {result['scoring']} | {_pct(m['acc'])} | {m['n_rows']} |"]
+    elif task == "rps":
+        players = [p for p in m if p != "avg_win"]
+        head = "| method | scoring | " + " | ".join(f"{p} win/tie/lose" for p in players) + " | avg win |"
+        cells = " | ".join(f"{_pct(m[p]['win'])}/{_pct(m[p]['tie'])}/{_pct(m[p]['lose'])}"
+                           for p in players)
+        rows = [head, "|---|---|" + "---|" * len(players) + "---|",
+                f"| {label} | {result['scoring']} | {cells} | {_pct(m['avg_win'])} |"]
+    else:
+        rows = ["| method | PPL | tokens |", "|---|---|---|",
+                f"| {label} | {m['ppl']:.3f} | {m['n_tokens']} |"]
+    return "\n".join(rows)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,0 +1,108 @@
+"""`sir-vllm eval` on small subsets of the paper's data, with the oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sir_vllm.cli.main import main
+from sir_vllm.eval import data, scoring
+from sir_vllm.eval.tasks import grocery_metrics, rps_metrics
+
+DATA = data.default_data_dir()
+
+
+def run_eval(tmp_path, *argv) -> dict:
+    out = tmp_path / "result.json"
+    assert main(["eval", *argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_grocery_episodes_follow_the_paper():
+    episodes = data.load_grocery(data.default_file("grocery", DATA), limit=3)
+    assert len(episodes) == 3
+    kinds = [t.kind for t in episodes[0].turns]
+    assert kinds == ["key"] + ["csqa"] * 20 + ["recall"]
+    recall = episodes[0].turns[-1]
+    key = episodes[0].turns[0].question
+    assert recall.texts[recall.gold] in key  # the asked grocery is the one given
+
+
+def test_rps_prompt_names_the_previous_move():
+    ep = data.load_rps(data.rps_files(DATA)["rock"], limit=3, player="rock")
+    assert ep.turns[0].question == data.RPS_FIRST
+    prev = ep.turns[0].texts[ep.turns[0].user_choice]
+    assert f"I chose [{prev}]" in ep.turns[1].question
+
+
+def test_text_scoring_normalises_by_bytes_and_letter_uses_first_token():
+    texts = ["ab", "abcd"]
+    # text: -2/2 = -1.0 beats -3/4 = -0.75? no: -0.75 is larger.
+    assert scoring.pick("text", texts, [1, 2], [[-2.0, -9.0], [-1.0, -2.0]]) == 1
+    assert scoring.pick("letter", texts, [1, 1], [[-0.5, -9.0], [-1.0, 0.0]]) == 0
+    with pytest.raises(ValueError, match="scoring"):
+        scoring.candidates(None, "words")
+
+
+def test_metrics_by_hand():
+    rows = [{"kind": "csqa", "pred": 1, "gold": 1, "retained": 5},
+            {"kind": "csqa", "pred": 0, "gold": 1, "retained": 9},
+            {"kind": "recall", "pred": 2, "gold": 2, "retained": 9, "key_in_cache": True}]
+    m = grocery_metrics(rows)
+    assert (m["acc_c"], m["acc_g"], m["max_retained"], m["key_in_cache"]) == (0.5, 1.0, 9, 1.0)
+    r = rps_metrics({"rock": [{"pred": 1, "gold": 1, "user_choice": 0},
+                              {"pred": 0, "gold": 1, "user_choice": 0},
+                              {"pred": 2, "gold": 1, "user_choice": 0}]})
+    assert r["rock"]["win"] == pytest.approx(1 / 3) and r["rock"]["tie"] == pytest.approx(1 / 3)
+    assert r["avg_win"] == pytest.approx(1 / 3)
+
+
+def test_grocery_cli_json_and_budget(tmp_path, bundled_model, capsys):
+    res = run_eval(tmp_path, "grocery", "--model", str(bundled_model), "--policy", "sirllm",
+                   "--start-size", "4", "--entropy-size", "200", "--limit", "1")
+    assert res["policy"] == {"name": "sirllm", "start_size": 4, "entropy_size": 200,
+                             "recent_size": 0, "decay": 1.0, "score": "paper", "cache_size": 204}
+    m = res["metrics"]
+    assert set(m) >= {"acc_c", "acc_g", "key_in_cache"} and m["n_csqa"] == 20
+    assert m["max_retained"] <= 204
+    assert "| method | scoring | ACC_c | ACC_g" in capsys.readouterr().out
+    again = run_eval(tmp_path, "grocery", "--model", str(bundled_model), "--policy", "sirllm",
+                     "--start-size", "4", "--entropy-size", "200", "--limit", "1")
+    assert again["predictions"] == res["predictions"]  # deterministic
+
+
+def test_dailydialog_and_rps_cli(tmp_path, bundled_model):
+    dd = run_eval(tmp_path, "dailydialog", "--model", str(bundled_model), "--policy", "streaming",
+                  "--limit", "6", "--scoring", "letter")
+    assert dd["metrics"]["n_rows"] == 6 and 0.0 <= dd["metrics"]["acc"] <= 1.0
+    assert dd["policy"]["cache_size"] == 512
+    rps = run_eval(tmp_path, "rps", "--model", str(bundled_model), "--policy", "sirllm",
+                   "--limit", "4", "--data", str(data.rps_files(DATA)["paper"]))
+    m = rps["metrics"]
+    assert list(m) == ["rock_paper_scissors_dominant_paper", "avg_win"]
+    row = m["rock_paper_scissors_dominant_paper"]
+    assert row["n_rounds"] == 4 and row["win"] + row["tie"] + row["lose"] == pytest.approx(1.0)
+    assert rps["policy"]["decay"] == 0.9  # the paper's setting for rps
+
+
+def test_stream_ppl_shows_the_attention_sink_effect(tmp_path, bundled_model):
+    """StreamingLLM's finding, reproduced: a window without sinks breaks down
+    once it slides; keeping 4 sink tokens at the same budget does not."""
+    def ppl(*knobs):
+        res = run_eval(tmp_path, "stream-ppl", "--model", str(bundled_model), "--policy",
+                       "streaming", *knobs, "--limit", "300")
+        assert res["metrics"]["n_tokens"] >= 300
+        return res["metrics"]["ppl"]
+
+    window, sinks = ppl("--start-size", "0", "--recent-size", "64"), ppl("--recent-size", "60")
+    assert 1.0 < sinks < window / 5
+
+
+def test_bad_flags_are_refused(bundled_model, capsys):
+    assert main(["eval", "grocery", "--model", str(bundled_model), "--policy", "streaming",
+                 "--decay", "0.5"]) == 2
+    assert "--decay" in capsys.readouterr().err
+    assert main(["eval", "grocery", "--model", str(bundled_model), "--policy", "sirllm",
+                 "--decay", "1.5"]) == 2
+    assert "decay" in capsys.readouterr().err
