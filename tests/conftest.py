@@ -50,6 +50,33 @@ def server(bundled_model, plugin_probe, tmp_path_factory):
     proc.stop()
 
 
+# The sessions tests' server: small SirLLM budget, so a few turns evict.
+SESSION_POLICY_ARGS = ["--kv-policy", "sirllm", "--kv-start-size", "4",
+                       "--kv-entropy-size", "64", "--kv-recent-size", "32"]
+
+
+@pytest.fixture(scope="session")
+def session_server(bundled_model, tmp_path_factory):
+    """`vllm serve --kv-policy sirllm` on the bundled model (one per test session)."""
+    log = tmp_path_factory.mktemp("session-server") / "vllm-serve.log"
+    proc = ServerProcess(
+        model=str(bundled_model),
+        served_model_name=SERVED_NAME,
+        extra_args=[*CPU_DEFAULT_ARGS, "--max-model-len", "4096", *SESSION_POLICY_ARGS],
+        log_path=log,
+    )
+    proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def session_client(session_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=session_server.url + "/v1", api_key="unused", timeout=300)
+
+
 @pytest.fixture(scope="session")
 def client(server):
     from openai import OpenAI

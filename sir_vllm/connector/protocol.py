@@ -1,0 +1,17 @@
+"""What the API process and the connector say to each other (plain JSON).
+
+Request `kv_transfer_params[PARAMS_KEY]`:
+    {"id": session key, "old_len": cached tokens the API expects pinned,
+     "keep": ascending indices into those tokens, or null for all of them}
+Response `kv_transfer_params[REPLY_KEY]`: tokens of this turn now pinned.
+Clients never write PARAMS_KEY: the session middleware strips it.
+"""
+
+PARAMS_KEY = "sir_session"
+REPLY_KEY = "sir_cached_tokens"
+DROP_KEY = "drop"  # {"id": ..., "drop": true}: free the session's pinned blocks
+
+
+def keep_list(params: dict) -> list[int]:
+    keep = params.get("keep")
+    return list(range(int(params["old_len"]))) if keep is None else [int(i) for i in keep]

@@ -1,0 +1,95 @@
+"""One turn of a session: plan the prompt before it, commit the result after it.
+
+The prompt is `kept ids + pending token + new ids`; the engine connector loads
+the kept tokens' KV from the session's pinned blocks (`keep` are indices into
+the session's cached tokens). Nothing in the session changes until the turn
+has succeeded (`commit_turn`), so a failed turn leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from sir_vllm.connector.protocol import PARAMS_KEY
+from sir_vllm.policy import SessionScores, turn_scores
+from sir_vllm.sessions.store import Session
+
+
+class TurnError(ValueError):
+    """The turn cannot be served as asked (HTTP 400)."""
+
+
+@dataclass
+class TurnPlan:
+    prompt_ids: list[int]
+    kept: int  # tokens whose KV the connector loads
+    keep: list[int] | None  # None: everything kept (no eviction)
+    scores: SessionScores  # the session's scores after this turn's eviction + decay
+    kv_transfer_params: dict
+
+
+def plan_turn(session: Session, new_ids: list[int], max_tokens: int) -> TurnPlan:
+    policy = session.policy
+    if max_tokens < 1:
+        raise TurnError("max_tokens must be >= 1 in a session")
+    num_coming = len(new_ids) + max_tokens  # the pending token stands in for the last answer token
+    budget = policy.cache_size
+    scores = SessionScores(session.scores.scores.copy(), session.scores.turns)
+    if budget is not None and session.turns == 0 and num_coming > budget:
+        raise TurnError(f"turn of {len(new_ids)} tokens + max_tokens {max_tokens} = {num_coming} "
+                        f"exceeds the session budget of {budget} tokens")
+    try:
+        keep = scores.before_turn(policy, num_coming)
+    except ValueError as e:
+        raise TurnError(f"turn of {len(new_ids)} tokens + max_tokens {max_tokens} = {num_coming} "
+                        f"does not fit the session budget of {budget} tokens: {e}") from None
+    kept_ids = session.token_ids if keep is None else [session.token_ids[i] for i in keep]
+    pending = [] if session.pending is None else [session.pending]
+    prompt = [*kept_ids, *pending, *new_ids]
+    if not prompt:
+        raise TurnError("empty prompt")
+    params = {PARAMS_KEY: {"id": session.key, "old_len": len(session.token_ids),
+                           "keep": None if keep is None else [int(i) for i in keep]}}
+    return TurnPlan(prompt, len(kept_ids), None if keep is None else list(map(int, keep)),
+                    scores, params)
+
+
+def prompt_surprisal(prompt_logprobs: list | None, prompt_ids: list[int], start: int) -> list[float]:
+    """-log p of prompt tokens start..end from vLLM's `prompt_logprobs` rows.
+
+    Row j holds the logprob of prompt token j given tokens < j (row 0 is None).
+    Rows before `start + 1` belong to loaded positions and are never read.
+    """
+    out = [math.nan]  # x_0 of the turn: no logit of its own in this pass
+    for j in range(start + 1, len(prompt_ids)):
+        row = prompt_logprobs[j]
+        entry = row.get(str(prompt_ids[j]), row.get(prompt_ids[j])) if row else None
+        if entry is None:
+            raise RuntimeError(f"no prompt logprob for position {j}")
+        out.append(-float(entry["logprob"]))
+    return out
+
+
+def commit_turn(session: Session, plan: TurnPlan, output_ids: list[int],
+                prompt_logprobs: list | None, output_logprobs: list[float] | None) -> None:
+    """Record the turn: cached = prompt + answer minus its last token (now pending)."""
+    if not output_ids:
+        raise RuntimeError("a session turn produced no token")
+    n_new = len(plan.prompt_ids) - plan.kept + len(output_ids) - 1
+    if session.policy.needs_scores:
+        s = prompt_surprisal(prompt_logprobs, plan.prompt_ids, plan.kept)
+        s += [-float(x) for x in (output_logprobs or [])[: len(output_ids) - 1]]
+        new_scores = turn_scores(session.policy.score, np.asarray(s))
+    else:
+        new_scores = np.zeros(n_new)
+    assert len(new_scores) == n_new, (len(new_scores), n_new)
+    old = len(session.token_ids)
+    plan.scores.after_turn(new_scores)
+    session.scores = plan.scores
+    session.token_ids = list(plan.prompt_ids) + list(output_ids[:-1])
+    session.pending = int(output_ids[-1])
+    session.evicted_total += old - plan.kept
+    assert len(session.token_ids) == session.scores.size
