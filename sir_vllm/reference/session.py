@@ -6,7 +6,9 @@ candidate answers and keep the picked one (the paper's choice tasks). Every
 token that gets KV gets a score: its surprisal, by the policy's score variant.
 
 Token accounting, shared with the vLLM path: in generation, the last sampled
-token has no KV yet; it is carried as the first input token of the next turn.
+token has no KV yet; it is carried as the first input token of the next turn,
+and a turn reserves len(new tokens) + max_tokens, so the cache never exceeds
+the budget after the turn.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class ReferenceSession:
         """Greedy answer to `new_ids` (or, with `forced`, replay those tokens and
         report what the oracle would have picked at each step)."""
         inputs = self.pending + list(new_ids)
-        kept = self._begin_turn(len(inputs) + max_tokens)
+        # Room for the new tokens and the answer; the carried token needs none:
+        # it stands in for this turn's last answer token, which gets no KV.
+        kept = self._begin_turn(len(new_ids) + max_tokens)
         logits, kv = self.model.forward(torch.as_tensor([inputs]), self.cache)
         rows = [_log_softmax(logits[0])]          # rows[...][j]: prediction after token j
         answer, logprobs, greedy, top = [], [], [], []
