@@ -14,6 +14,10 @@ appended to a conversation:
 
 The oracle, the replay command and the server all use this, so one
 conversation is one token stream on every path.
+
+A chat-API session turn may bring several new messages (a system message
+mid-session, a client-written assistant message): `messages_ids` renders them
+by the same difference rule; for one user message it is exactly `turn_ids`.
 """
 
 from __future__ import annotations
@@ -68,6 +72,24 @@ class ChatRenderer:
         """Token ids a user turn adds; previous_answer None means the first turn."""
         first = previous_answer is None
         text = ("" if first else self.closing_text(previous_answer)) + self.user_text(content, first)
+        return self.encode(text)
+
+    def messages_text(self, messages: list[dict], first: bool) -> str:
+        """Template text of several new messages followed by the generation prompt."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if first:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(self._history + msgs, tokenize=False,
+                                                  add_generation_prompt=True)
+        if not full.startswith(self._history_text):
+            raise ValueError("the chat template renders these messages differently after a history")
+        return full[len(self._history_text):]
+
+    def messages_ids(self, messages: list[dict], previous_answer: list[int] | None) -> list[int]:
+        """Token ids a turn of new messages adds; previous_answer None means the first turn.
+        `messages_ids([user], prev) == turn_ids(user["content"], prev)`."""
+        first = previous_answer is None
+        text = ("" if first else self.closing_text(previous_answer)) + self.messages_text(messages, first)
         return self.encode(text)
 
     def message_text(self, role: str, content: str, first: bool) -> str:

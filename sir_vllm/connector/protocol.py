@@ -2,13 +2,18 @@
 
 Request `kv_transfer_params[PARAMS_KEY]`:
     {"id": session key, "old_len": cached tokens the API expects pinned,
-     "keep": ascending indices into those tokens, or null for all of them}
-Response `kv_transfer_params[REPLY_KEY]`: tokens of this turn now pinned.
+     "keep": ascending indices into those tokens, or null for all of them,
+     "name": the client's session id (log lines only; pins are keyed by "id")}
+Response `kv_transfer_params[REPLY_KEY]`: tokens of this turn now pinned;
+`kv_transfer_params[RECOMPUTED_KEY]` (only when > 0): kept tokens the engine no
+longer held pinned (its idle session was dropped from a full KV pool, or the
+pins did not match), so their KV was rebuilt from the token ids instead.
 Clients never write PARAMS_KEY: the session middleware strips it.
 """
 
 PARAMS_KEY = "sir_session"
 REPLY_KEY = "sir_cached_tokens"
+RECOMPUTED_KEY = "sir_recomputed_tokens"
 DROP_KEY = "drop"  # {"id": ..., "drop": true}: free the session's pinned blocks
 
 

@@ -4,16 +4,26 @@ A finished session turn keeps its blocks (ref count +1, `block_pool.touch`).
 The session's next request reports the kept tokens as externally matched and
 the worker copies them, re-rotated, into the request's first slots. The old
 pins are released when that next turn finishes and pins its own blocks.
+
+Pins of idle sessions hold pool blocks. When a request arrives that the free
+blocks cannot hold (`get_num_new_matched_tokens`, called for every request the
+scheduler tries to admit, session or not), the least recently used *idle*
+sessions (no request of theirs in the engine) lose their pins until it fits,
+each with a log line. A dropped session's next turn finds no pins: its kept
+tokens are recomputed from their token ids (the prompt always carries them),
+and the reply says how many (`RECOMPUTED_KEY`). Never another session's KV:
+pins are keyed by the session's own key and blocks are salted per session.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sir_vllm import vllm_adapter
 from sir_vllm.connector.metadata import LoadJob, SirConnectorMetadata
-from sir_vllm.connector.protocol import DROP_KEY, PARAMS_KEY, REPLY_KEY, keep_list
+from sir_vllm.connector.protocol import DROP_KEY, PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY, keep_list
 
 logger = logging.getLogger("vllm.sir_vllm.connector")
 
@@ -22,6 +32,8 @@ logger = logging.getLogger("vllm.sir_vllm.connector")
 class Pinned:
     block_ids: list[int]
     token_ids: list[int]  # the tokens whose KV the blocks hold, position = index
+    last_used: float = field(default_factory=time.monotonic)  # LRU order among idle sessions
+    name: str = ""  # the client's session id, for log lines
 
 
 @dataclass
@@ -42,6 +54,13 @@ class SessionScheduler:
         self.pinned: dict[str, Pinned] = {}
         self.planned: dict[str, PlannedLoad] = {}
         self.jobs: list[LoadJob] = []
+        self.active: dict[str, str] = {}  # request id -> session key, requests in the engine
+        self.recomputed: dict[str, int] = {}  # request id -> kept tokens found unpinned
+        self.dropped_total = 0
+        model_config = getattr(vllm_config, "model_config", None)
+        self.max_model_len = getattr(model_config, "max_model_len", None)
+        watermark = getattr(getattr(vllm_config, "scheduler_config", None), "watermark", 0.0)
+        self.watermark = float(watermark or 0.0)
 
     # -- helpers --------------------------------------------------------
     @staticmethod
@@ -49,7 +68,7 @@ class SessionScheduler:
         p = vllm_adapter.request_params(request)
         return p.get(PARAMS_KEY) if isinstance(p, dict) else None
 
-    def _usable_keep(self, request, p) -> list[int] | None:
+    def _usable_keep(self, request, p, quiet: bool = False) -> list[int] | None:
         """The keep list if the pinned blocks hold exactly what the API expects."""
         pin = self.pinned.get(p["id"])
         if pin is None or len(pin.token_ids) != int(p["old_len"]):
@@ -57,8 +76,9 @@ class SessionScheduler:
         keep = keep_list(p)
         prompt = request.prompt_token_ids or []
         if len(keep) >= len(prompt) or [pin.token_ids[i] for i in keep] != list(prompt[: len(keep)]):
-            logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
-                           "recomputing", p["id"])
+            if not quiet:
+                logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
+                               "recomputing", p["id"])
             return None
         return keep
 
@@ -66,6 +86,44 @@ class SessionScheduler:
         pin = self.pinned.pop(session, None)
         if pin is not None and self.block_pool is not None:
             self.block_pool.free_blocks(vllm_adapter.pool_blocks(self.block_pool, pin.block_ids))
+
+    # -- LRU dropping of idle sessions' pins -----------------------------
+    def _blocks_needed(self, request, num_computed_tokens: int) -> int:
+        """New blocks the request takes for its whole sequence (prompt + max_tokens)."""
+        prompt = getattr(request, "num_prompt_tokens", None)
+        if prompt is None:
+            prompt = len(request.prompt_token_ids or [])
+        total = prompt + int(getattr(request, "max_tokens", 0) or 0)
+        if self.max_model_len:
+            total = min(total, self.max_model_len)
+        need = -(-total // self.block_size) - num_computed_tokens // self.block_size
+        pool_size = getattr(self.block_pool, "num_gpu_blocks", 0) or 0
+        return max(need, 1) + int(self.watermark * pool_size)
+
+    def _make_room(self, request, num_computed_tokens: int) -> None:
+        """Drop the pins of least recently used idle sessions until the free
+        blocks can hold `request` (or no idle session is left)."""
+        free_blocks = getattr(self.block_pool, "get_num_free_blocks", None)
+        if not self.pinned or free_blocks is None:
+            return
+        need, free = self._blocks_needed(request, num_computed_tokens), free_blocks()
+        if free >= need:
+            return
+        busy = set(self.active.values())
+        idle = sorted((pin.last_used, key) for key, pin in self.pinned.items() if key not in busy)
+        now = time.monotonic()
+        for last_used, key in idle:
+            if free >= need:
+                break
+            blocks, name = len(self.pinned[key].block_ids), self.pinned[key].name
+            self._release(key)
+            self.dropped_total += 1
+            logger.warning(
+                "sir-vllm: KV pool full (%d free blocks, request %s needs %d): dropped the pinned KV "
+                "of idle session %r (key %s, %d blocks, idle %.1fs, least recently used); its next "
+                "turn recomputes its kept tokens", free, request.request_id, need, name, key, blocks,
+                now - last_used)
+            free = free_blocks()
 
     # -- connector API --------------------------------------------------
     def on_new_request(self, request) -> None:
@@ -75,8 +133,16 @@ class SessionScheduler:
         vllm_adapter.allow_connector_hits(request)
         if p.get(DROP_KEY):
             self._release(p["id"])
+            return
+        self.active[request.request_id] = p["id"]  # not idle: its pins are never dropped
+        pin = self.pinned.get(p["id"])
+        if pin is not None:
+            pin.last_used = time.monotonic()
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        # The one side effect (pitfall 6 allows no other): free idle sessions'
+        # pins when the pool cannot hold this request; repeating it is harmless.
+        self._make_room(request, num_computed_tokens)
         p = self.params(request)
         if p is None or p.get(DROP_KEY):
             return 0, False
@@ -86,10 +152,14 @@ class SessionScheduler:
         return max(0, len(keep) - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        p = self.params(request)
+        if p is None or p.get(DROP_KEY):
+            return
+        keep = self._usable_keep(request, p, quiet=True)
+        expected = len(keep_list(p))
+        self.recomputed[request.request_id] = 0 if keep else expected
         if num_external_tokens <= 0:
             return
-        p = self.params(request)
-        keep = self._usable_keep(request, p)
         assert keep is not None, "a load was granted for a session whose pins changed"
         start = len(keep) - num_external_tokens  # pitfall 1: never rewrite local hits
         new_blocks = vllm_adapter.block_table(blocks)
@@ -109,6 +179,8 @@ class SessionScheduler:
         return meta
 
     def request_finished(self, request, block_ids: list[int]):
+        self.active.pop(request.request_id, None)
+        recomputed = self.recomputed.pop(request.request_id, None)
         p = self.params(request)
         if p is None or p.get(DROP_KEY):
             return False, None
@@ -119,5 +191,9 @@ class SessionScheduler:
         block_ids = list(block_ids[:need])
         self.block_pool.touch(vllm_adapter.pool_blocks(self.block_pool, block_ids))
         self._release(p["id"])
-        self.pinned[p["id"]] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num))
-        return False, {REPLY_KEY: num}
+        self.pinned[p["id"]] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
+                                      name=str(p.get("name", "")))
+        reply = {REPLY_KEY: num}
+        if recomputed:
+            reply[RECOMPUTED_KEY] = recomputed
+        return False, reply

@@ -1,14 +1,46 @@
 """The session layer of the API server: an ASGI middleware (`vllm serve --middleware`).
 
-Requests without a session id pass through untouched (stock vLLM). A
-completions request with one becomes a turn of that session: the prompt is
-rebuilt as `kept ids + pending token + new ids`, the connector is told which
-cached tokens to keep (`kv_transfer_params`), and the answer's scores are read
-back from `prompt_logprobs`/`logprobs` before the response is trimmed to what
-the client asked for. Streaming and n > 1 are refused for sessions (v1).
+Requests without a session id pass through untouched (stock vLLM). A request
+with one (`session_id` body field or `X-Session-ID` header) on
+`/v1/completions` or `/v1/chat/completions` becomes a turn of that session:
+the prompt is rebuilt as `kept ids + pending token + new ids`, the connector
+is told which cached tokens to keep (`kv_transfer_params`), and the answer's
+scores are read back from `prompt_logprobs`/`logprobs` before the response is
+trimmed to what the client asked for. Streaming and n > 1 are refused for
+sessions (HTTP 400); a session started on one of the two APIs stays on it.
 
-The response reports the session in a `session` object and in the
-`X-Session-Retained-Tokens` header.
+Chat sessions (`/v1/chat/completions`). The session remembers the messages it
+has consumed, its own answers included (as the `message.content` it returned).
+A request may carry the whole history (the known part is skipped) or only the
+new messages (a list with no assistant message); anything else contradicts
+the history and gets HTTP 400 (rules: `sir_vllm.sessions.chat`). A turn
+renders, with the model's own chat template (`sir_vllm.chat.ChatRenderer`,
+the same token stream the oracle and `sir-vllm replay` build):
+
+    first turn   render(messages, add_generation_prompt=True)
+                 (SmolLM2's template adds its default system message here only)
+    later turns  closing text of the previous answer (the end-of-message text
+                 it did not generate: "\n" after a sampled <|im_end|>,
+                 "<|im_end|>\n" after a max_tokens cut) + the template text of
+                 each new message + the generation prompt
+
+and is then served as a completions turn on those ids; the response is an
+OpenAI `chat.completion` (`message.content`: the answer decoded without
+special tokens; logprobs in the chat format when `logprobs: true`). Without
+`max_tokens`/`max_completion_tokens` a chat turn reserves a quarter of the
+session budget, at most 256 tokens (every reserved token is evicted from the
+session's memory first). Tools, custom chat templates and
+`continue_final_message` are refused in a session.
+
+Every session response reports the session in a `session` object (`turns`,
+`retained_tokens`, `loaded_tokens`, `recomputed_tokens`, `evicted_tokens`,
+`budget`) and in the `X-Session-Retained-Tokens` header.
+
+KV pool pressure: the engine drops the pinned KV of the least recently used
+idle sessions when a request does not fit the free blocks (a warning names
+the session key). Such a session is not lost: its next turn recomputes its
+kept tokens from their ids (`recomputed_tokens` > 0, `loaded_tokens` 0, a
+warning in this process) and goes on; never another session's KV.
 """
 
 from __future__ import annotations
@@ -17,18 +49,34 @@ import json
 import logging
 from functools import cached_property
 
-from sir_vllm.connector.protocol import PARAMS_KEY, REPLY_KEY
+from sir_vllm.connector.protocol import PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY
 from sir_vllm.policy import make_policy
 from sir_vllm.server import settings
-from sir_vllm.sessions import SessionStore, TurnError, commit_turn, plan_turn
+from sir_vllm.sessions import (ChatError, SessionStore, TurnError, commit_turn, new_messages,
+                               normalize_messages, plan_turn)
 from sir_vllm.sessions.store import tenant_of
 
 logger = logging.getLogger("vllm.sir_vllm.sessions")
 
 COMPLETIONS = "/v1/completions"
 SESSIONS = "/v1/sessions/"
-CHAT = "/v1/chat/completions"  # session-aware chat: not in this slice (refused, never silently stock)
+CHAT = "/v1/chat/completions"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
+CHAT_MAX_TOKENS_CAP = 256  # a chat turn's default reservation: budget // 4, at most this
+# Chat request fields a completions request does not take (handled or refused here).
+CHAT_ONLY = frozenset({
+    "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
+    "continue_final_message", "chat_template", "chat_template_kwargs", "tools", "tool_choice",
+    "parallel_tool_calls", "documents", "include_reasoning", "reasoning_effort",
+    "media_io_kwargs", "mm_processor_kwargs", "return_prompt_text", "logprobs"})
+
+
+class _Upstream(Exception):
+    """vLLM answered a session turn with an error: forward it as is."""
+
+    def __init__(self, status: int, headers: list, raw: bytes):
+        super().__init__(status)
+        self.status, self.headers, self.raw = status, headers, raw
 
 
 class HTTPError(Exception):
@@ -97,13 +145,17 @@ class SessionMiddleware:
 
         return AutoTokenizer.from_pretrained(settings.current.tokenizer)
 
+    @cached_property
+    def renderer(self):
+        from sir_vllm.chat import ChatRenderer
+
+        return ChatRenderer(self.tokenizer)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("path", "").startswith(SESSIONS):
             return await self._session_endpoint(scope, receive, send)
-        if (scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") == CHAT
-                and _header(scope, b"x-session-id")):
-            return await _send_json(send, 400, _error(400, "sessions run on /v1/completions for now"))
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != COMPLETIONS:
+        path = scope.get("path")
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in (COMPLETIONS, CHAT):
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         try:
@@ -117,7 +169,7 @@ class SessionMiddleware:
             sid = data.get("session_id") or _header(scope, b"x-session-id")
             if not sid:
                 return await self.app(scope, _replay(body, receive), send)
-            await self._turn(scope, receive, send, data, str(sid))
+            await self._turn(scope, receive, send, data, str(sid), "chat" if path == CHAT else "completions")
         except HTTPError as e:
             await _send_json(send, e.status, _error(e.status, str(e)))
 
@@ -152,9 +204,11 @@ class SessionMiddleware:
     def _describe(self, session) -> dict:
         scores = session.scores.scores
         return {
-            "id": session.id, "turns": session.turns, "retained_tokens": len(session.token_ids),
+            "id": session.id, "api": session.api, "turns": session.turns,
+            "retained_tokens": len(session.token_ids),
             "evicted_tokens": session.evicted_total, "budget": session.policy.cache_size,
             "policy": session.policy.to_dict(), "pending_token": session.pending,
+            "messages": session.messages,
             "tokens": [{"id": t, "text": self.tokenizer.decode([t]), "score": float(sc)}
                        for t, sc in zip(session.token_ids, scores)],
         }
@@ -189,32 +243,54 @@ class SessionMiddleware:
             return list(prompt)
         raise HTTPError(400, "a session turn takes one prompt: a string or a list of token ids")
 
-    async def _turn(self, scope, receive, send, data: dict, sid: str) -> None:
+    async def _turn(self, scope, receive, send, data: dict, sid: str, api: str) -> None:
         for key, bad in (("stream", True), ("echo", True)):
             if data.get(key) is bad:
                 raise HTTPError(400, f"{key}=true is not supported with session_id yet")
         if (data.get("n") or 1) != 1 or (data.get("best_of") or 1) != 1:
             raise HTTPError(400, "n and best_of must be 1 with session_id")
+        if api == "chat":
+            self._check_chat_fields(data)
         policy, explicit = self._policy_for(data)
         tenant = tenant_of(_api_key(scope))
         session, created = self.store.get_or_create(tenant, sid, policy)
         if explicit and not created and policy.to_dict() != session.policy.to_dict():
             raise HTTPError(400, f"kv_policy: session {sid!r} already runs {session.policy!r}")
+        if session.api is not None and session.api != api:
+            where = CHAT if session.api == "chat" else COMPLETIONS
+            raise HTTPError(400, f"session {sid!r} was started on {where}; continue it there")
         if session.lock.locked():
             raise HTTPError(409, f"session {sid!r} has a request in progress")
         async with session.lock:
             try:
-                await self._run_turn(scope, receive, send, data, session)
+                if api == "chat":
+                    status, out, headers = await self._chat_turn(scope, receive, data, session)
+                else:
+                    status, out, headers = await self._completion_turn(scope, receive, data, session)
+                await _send_json(send, status, out, headers)
+            except _Upstream as e:
+                await self._forward(send, e.status, e.headers, e.raw)
             finally:
                 if created and session.turns == 0:
                     self.store.drop(tenant, sid)  # a failed first turn leaves nothing behind
 
-    async def _run_turn(self, scope, receive, send, data: dict, session) -> None:
+    @staticmethod
+    def _max_tokens(value, name: str = "max_tokens") -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise HTTPError(400, f"{name} must be an integer")
+        return value
+
+    async def _completion_turn(self, scope, receive, data: dict, session):
         max_tokens = data.get("max_tokens")
-        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            raise HTTPError(400, "max_tokens must be an integer")
+        max_tokens = self._max_tokens(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
         new_ids = self._new_ids(data, session.turns == 0)
+        out = await self._run_turn(scope, receive, data, session, new_ids, max_tokens, "completions")
+        return 200, out, {"x-session-retained-tokens": out["session"]["retained_tokens"]}
+
+    async def _run_turn(self, scope, receive, data: dict, session, new_ids: list[int],
+                        max_tokens: int, api: str) -> dict:
+        """One turn on the engine (a completions request); commits it and returns
+        vLLM's completions response, trimmed, with the `session` object."""
         try:
             plan = plan_turn(session, new_ids, max_tokens)
         except TurnError as e:
@@ -228,24 +304,117 @@ class SessionMiddleware:
         if session.policy.needs_scores:
             req["logprobs"] = asked["logprobs"] or 0
             req["prompt_logprobs"] = asked["prompt_logprobs"] or 0
-        status, headers, raw = await self._call(scope, receive, req)
+        status, headers, raw = await self._call(scope, receive, req, path=COMPLETIONS)
         if status != 200:
-            return await self._forward(send, status, headers, raw)
+            raise _Upstream(status, headers, raw)
         out = json.loads(raw)
         choice = out["choices"][0]
         lp = choice.get("logprobs") or {}
         commit_turn(session, plan, choice["token_ids"], choice.get("prompt_logprobs"),
                     lp.get("token_logprobs"))
-        engine = (out.get("kv_transfer_params") or {}).get(REPLY_KEY)
+        session.api = api
+        reply = out.get("kv_transfer_params") or {}
+        engine = reply.get(REPLY_KEY)
         if engine != len(session.token_ids):
             logger.warning("sir-vllm: session %s: engine pinned %s tokens, expected %d; "
                            "the next turn recomputes", session.id, engine, len(session.token_ids))
+        recomputed = min(int(reply.get(RECOMPUTED_KEY) or 0), plan.kept)
+        if recomputed:
+            logger.warning("sir-vllm: session %s: the engine no longer held its pinned KV (dropped "
+                           "from a full KV pool); recomputed its %d kept tokens from their ids",
+                           session.id, recomputed)
         self._trim(out, choice, asked, plan.kept)
-        info = {"id": session.id, "turns": session.turns, "retained_tokens": len(session.token_ids),
-                "loaded_tokens": plan.kept, "evicted_tokens": session.evicted_total,
-                "budget": session.policy.cache_size}
-        out["session"] = info
-        await _send_json(send, 200, out, {"x-session-retained-tokens": info["retained_tokens"]})
+        out["session"] = {
+            "id": session.id, "turns": session.turns, "retained_tokens": len(session.token_ids),
+            "loaded_tokens": plan.kept - recomputed, "recomputed_tokens": recomputed,
+            "evicted_tokens": session.evicted_total, "budget": session.policy.cache_size}
+        return out
+
+    # -- one chat turn ----------------------------------------------------
+    @staticmethod
+    def _check_chat_fields(data: dict) -> None:
+        if data.get("tools") or data.get("tool_choice") not in (None, "none", "auto"):
+            raise HTTPError(400, "tools are not supported in a chat session")
+        for key in ("chat_template", "chat_template_kwargs", "documents"):
+            if data.get(key):
+                raise HTTPError(400, f"{key}: a chat session renders with the model's own chat template")
+        if data.get("add_generation_prompt") is False or data.get("continue_final_message"):
+            raise HTTPError(400, "add_generation_prompt=false and continue_final_message are not "
+                                 "supported in a chat session")
+
+    @staticmethod
+    def _chat_default_max_tokens(session, num_new: int) -> int:
+        """budget // 4 (at most CHAT_MAX_TOKENS_CAP), or less when the turn leaves less room."""
+        policy = session.policy
+        budget = policy.cache_size
+        room = budget - num_new if session.turns == 0 else budget - policy.start_size - num_new
+        return max(1, min(CHAT_MAX_TOKENS_CAP, max(1, budget // 4), room))
+
+    async def _chat_turn(self, scope, receive, data: dict, session):
+        try:
+            messages = normalize_messages(data.get("messages"))
+            new = new_messages(session.messages, messages, session.id)
+            renderer = self.renderer
+            new_ids = renderer.messages_ids(new, None if session.turns == 0 else (session.answer_ids or []))
+        except ChatError as e:
+            raise HTTPError(400, str(e)) from None
+        except Exception as e:  # the template refuses the messages (jinja errors, prefix checks)
+            raise HTTPError(400, f"messages: the chat template cannot render them: {e}") from None
+        max_tokens = data.get("max_completion_tokens")
+        name = "max_completion_tokens"
+        if max_tokens is None:
+            max_tokens, name = data.get("max_tokens"), "max_tokens"
+        if max_tokens is None:
+            max_tokens = self._chat_default_max_tokens(session, len(new_ids))
+        max_tokens = self._max_tokens(max_tokens, name)
+        top = data.get("top_logprobs")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
+            raise HTTPError(400, "top_logprobs must be a non-negative integer")
+        req = {k: v for k, v in data.items() if k not in CHAT_ONLY}
+        if data.get("logprobs"):
+            req["logprobs"] = top or 0
+        out = await self._run_turn(scope, receive, req, session, new_ids, max_tokens, "chat")
+        choice = out["choices"][0]
+        content = choice.get("text") or ""
+        session.messages = [*session.messages, *new, {"role": "assistant", "content": content}]
+        chat = self._chat_response(out, choice, content, bool(data.get("logprobs")), top or 0,
+                                   bool(data.get("return_token_ids")))
+        return 200, chat, {"x-session-retained-tokens": out["session"]["retained_tokens"]}
+
+    @staticmethod
+    def _chat_response(out: dict, choice: dict, content: str, logprobs: bool, top: int,
+                       token_ids: bool) -> dict:
+        """vLLM's completions response as an OpenAI `chat.completion`."""
+        chat_lp = None
+        if logprobs and choice.get("logprobs"):
+            lp = choice["logprobs"]
+            tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
+            chat_lp = {"content": [
+                {"token": tok, "logprob": val, "bytes": list(tok.encode("utf-8")),
+                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+                                  for t, v in sorted((alts or {}).items(), key=lambda kv: -kv[1])[:top]]}
+                for tok, val, alts in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops)],
+                "refusal": None}
+        cid = str(out.get("id", ""))
+        result = {
+            "id": "chatcmpl-" + (cid[5:] if cid.startswith("cmpl-") else cid),
+            "object": "chat.completion", "created": out.get("created"), "model": out.get("model"),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None,
+                            "annotations": None, "audio": None, "function_call": None,
+                            "tool_calls": []},
+                "logprobs": chat_lp, "finish_reason": choice.get("finish_reason"),
+                "stop_reason": choice.get("stop_reason")}],
+            "service_tier": None, "system_fingerprint": None, "usage": out.get("usage"),
+            "session": out["session"],
+        }
+        if choice.get("prompt_logprobs") is not None:
+            result["prompt_logprobs"] = choice["prompt_logprobs"]
+        if token_ids:
+            result["choices"][0]["token_ids"] = choice.get("token_ids")
+            result["prompt_token_ids"] = choice.get("prompt_token_ids")
+        return result
 
     @staticmethod
     def _trim(out: dict, choice: dict, asked: dict, kept: int) -> None:

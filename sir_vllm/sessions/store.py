@@ -24,7 +24,9 @@ class Session:
     token_ids: list[int] = field(default_factory=list)  # cached tokens (KV pinned in the engine)
     pending: int | None = None  # last sampled token: no KV yet, leads the next prompt
     scores: SessionScores = field(default_factory=SessionScores)
-    messages: list[dict] = field(default_factory=list)  # chat history consumed so far
+    messages: list[dict] = field(default_factory=list)  # chat history consumed so far ({role, content})
+    answer_ids: list[int] | None = None  # the last turn's generated ids (a chat turn's closing text)
+    api: str | None = None  # "chat" or "completions": the API the session was started on
     evicted_total: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

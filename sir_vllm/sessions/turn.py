@@ -51,7 +51,7 @@ def plan_turn(session: Session, new_ids: list[int], max_tokens: int) -> TurnPlan
     prompt = [*kept_ids, *pending, *new_ids]
     if not prompt:
         raise TurnError("empty prompt")
-    params = {PARAMS_KEY: {"id": session.key, "old_len": len(session.token_ids),
+    params = {PARAMS_KEY: {"id": session.key, "name": session.id, "old_len": len(session.token_ids),
                            "keep": None if keep is None else [int(i) for i in keep]}}
     return TurnPlan(prompt, len(kept_ids), None if keep is None else list(map(int, keep)),
                     scores, params)
@@ -91,5 +91,6 @@ def commit_turn(session: Session, plan: TurnPlan, output_ids: list[int],
     session.scores = plan.scores
     session.token_ids = list(plan.prompt_ids) + list(output_ids[:-1])
     session.pending = int(output_ids[-1])
+    session.answer_ids = [int(t) for t in output_ids]
     session.evicted_total += old - plan.kept
     assert len(session.token_ids) == session.scores.size

@@ -1,0 +1,204 @@
+"""Sessions that no longer fit the KV pool (issue 4): the least recently used
+idle session loses its pinned KV (a log line), its next turn recomputes its
+kept tokens from their ids, never another session's memory, and the server
+keeps serving.
+
+The unit tests drive the connector's scheduler role on a fake block pool; the
+server test runs its own `vllm serve --kv-policy sirllm` whose KV pool holds
+three blocks of 128 tokens (module-scoped: the one extra server of the suite).
+"""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+
+pytest.importorskip("vllm")
+
+from sir_vllm.connector.protocol import PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY  # noqa: E402
+from sir_vllm.connector.scheduler import SessionScheduler  # noqa: E402
+
+from conftest import SERVED_NAME, SESSION_POLICY_ARGS  # noqa: E402
+
+BS = 4
+
+
+class Pool:
+    """Block pool stand-in: a block is free when nothing references it."""
+
+    def __init__(self, n):
+        self.blocks = [SimpleNamespace(block_id=i, ref_cnt=0) for i in range(n)]
+        self.num_gpu_blocks = n
+
+    def touch(self, blocks):
+        for b in blocks:
+            b.ref_cnt += 1
+
+    def free_blocks(self, blocks):
+        for b in blocks:
+            b.ref_cnt -= 1
+
+    def get_num_free_blocks(self):
+        return sum(b.ref_cnt == 0 for b in self.blocks)
+
+
+class Blocks:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+def req(rid, prompt, params=None, computed=0, output=(), max_tokens=2):
+    from vllm.v1.request import RequestStatus
+
+    return SimpleNamespace(
+        request_id=rid, prompt_token_ids=list(prompt), num_prompt_tokens=len(prompt),
+        max_tokens=max_tokens, all_token_ids=list(prompt) + list(output),
+        num_computed_tokens=computed, skip_reading_prefix_cache=False,
+        kv_transfer_params=None if params is None else {PARAMS_KEY: params},
+        status=RequestStatus.FINISHED_STOPPED)
+
+
+@pytest.fixture
+def sched():
+    s = SessionScheduler(SimpleNamespace(cache_config=SimpleNamespace(block_size=BS),
+                                         model_config=SimpleNamespace(max_model_len=64)))
+    s.block_pool = Pool(6)
+    return s
+
+
+def pin(sched, key, blocks, when):
+    """A finished first turn of session `key` whose KV fills `blocks`."""
+    n = len(blocks) * BS
+    r = req(f"{key}-1", range(100, 100 + n - 1), {"id": key, "name": f"s-{key}", "old_len": 0, "keep": None},
+            computed=n, output=[7])
+    sched.on_new_request(r)
+    sched.update_state_after_alloc(r, Blocks(blocks), 0)
+    assert sched.request_finished(r, blocks) == (False, {REPLY_KEY: n})
+    sched.pinned[key].last_used = when
+
+
+def test_the_least_recently_used_idle_session_is_dropped_first(sched, caplog):
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "C", [4], when=3.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    assert sched.block_pool.get_num_free_blocks() == 1
+    stock = req("x", range(6), max_tokens=2)  # 8 tokens: 2 blocks, 1 free
+    with caplog.at_level("WARNING", logger="vllm.sir_vllm.connector"):
+        assert sched.get_num_new_matched_tokens(stock, 0) == (0, False)
+    assert set(sched.pinned) == {"B", "C"} and sched.block_pool.get_num_free_blocks() == 3
+    assert "dropped the pinned KV of idle session 's-A' (key A," in caplog.text
+    # enough room: nothing more is dropped, however often the scheduler asks
+    assert sched.get_num_new_matched_tokens(stock, 0) == (0, False)
+    assert set(sched.pinned) == {"B", "C"}
+
+
+def test_a_session_with_a_request_in_the_engine_is_never_dropped(sched):
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    pin(sched, "C", [4], when=3.0)
+    # A's next turn is in the engine: its pins are what it loads
+    a2 = req("A-2", [*range(100, 107), 7, 7, 50], {"id": "A", "old_len": 8, "keep": None},
+             max_tokens=14)  # 24 tokens: 6 blocks
+    sched.on_new_request(a2)
+    assert sched.get_num_new_matched_tokens(a2, 0) == (8, False)
+    assert set(sched.pinned) == {"A"}  # B and C were dropped, oldest first; A kept
+    sched.update_state_after_alloc(a2, Blocks([2, 3, 4]), 8)
+    assert len(sched.build_connector_meta(None).loads) == 1
+
+
+def test_a_dropped_session_recomputes_and_says_so(sched):
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    pin(sched, "C", [4], when=3.0)
+    sched.get_num_new_matched_tokens(req("x", range(6)), 0)  # drops A
+    a2 = req("A-2", [*range(100, 107), 7, 7, 50],
+             {"id": "A", "old_len": 8, "keep": [0, 1, 2, 3, 4, 5, 6, 7]}, computed=11, output=[9, 9])
+    sched.on_new_request(a2)
+    assert sched.get_num_new_matched_tokens(a2, 0) == (0, False)  # nothing to load: no wrong KV
+    sched.update_state_after_alloc(a2, Blocks([0, 1, 5]), 0)
+    assert sched.build_connector_meta(None).loads == []
+    delay, reply = sched.request_finished(a2, [0, 1, 5])
+    assert reply == {REPLY_KEY: 11, RECOMPUTED_KEY: 8}
+    assert sched.pinned["A"].token_ids == a2.all_token_ids[:11]  # pinned again, going on
+
+
+# ---- through a real server with a three-block KV pool ----------------------
+
+BLOCK_TOKENS = 128
+# SmolLM2-135M in float32: 30 layers x 3 KV heads x 64 dims x (K, V) x 4 bytes per token.
+BLOCK_BYTES = BLOCK_TOKENS * 30 * 3 * 64 * 2 * 4
+POOL_BLOCKS = 4  # one of them is vLLM's null block: three usable
+
+
+@pytest.fixture(scope="module")
+def pool_server(bundled_model, tmp_path_factory):
+    import os
+
+    from sir_vllm.server.process import ServerProcess
+
+    log = tmp_path_factory.mktemp("pool-server") / "vllm-serve.log"
+    proc = ServerProcess(
+        model=str(bundled_model), served_model_name=SERVED_NAME, log_path=log,
+        extra_args=["--dtype", "float32", "--kv-cache-memory-bytes",
+                    str(POOL_BLOCKS * BLOCK_BYTES + BLOCK_BYTES // 2), "--max-model-len", "256",
+                    *SESSION_POLICY_ARGS])
+    proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def pool_client(pool_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=pool_server.url + "/v1", api_key="unused", timeout=300)
+
+
+def turn(client, sid, prompt):
+    return client.completions.create(
+        model=SERVED_NAME, prompt=prompt, max_tokens=8, temperature=0.0, logprobs=0,
+        extra_body={"session_id": sid, "return_token_ids": True, "ignore_eos": True}).model_dump()
+
+
+def test_a_full_pool_drops_the_lru_idle_session_and_keeps_serving(pool_client, pool_server):
+    log = pool_server.log_path.read_text(errors="replace")
+    assert f"KV cache size: {POOL_BLOCKS * BLOCK_TOKENS} tokens" in log, "the pool is not the size assumed"
+    tag = uuid.uuid4().hex[:6]
+    sid = {k: f"pool-{tag}-{k}" for k in "ABCD"}
+    first = {k: turn(pool_client, sid[k], f"Session {k}: the secret word is {w}.")
+             for k, w in zip("ABC", ("apple", "brick", "cloud"))}  # three pins fill the pool
+    assert all(r["session"]["recomputed_tokens"] == 0 for r in first.values())
+    d1 = turn(pool_client, sid["D"], "Session D: the secret word is delta.")  # drops A
+    assert d1["session"]["turns"] == 1
+
+    a2 = turn(pool_client, sid["A"], " What was the secret word?")  # A's pins are gone
+    s = a2["session"]
+    assert s["turns"] == 2 and s["recomputed_tokens"] == first["A"]["session"]["retained_tokens"] > 0
+    assert s["loaded_tokens"] == 0
+    # Recomputed from A's own ids: exactly what a stock request on that prompt gives.
+    prompt, before = a2["choices"][0]["prompt_token_ids"], first["A"]["choices"][0]["prompt_token_ids"]
+    assert prompt[: len(before)] == before
+    plain = pool_client.completions.create(
+        model=SERVED_NAME, prompt=prompt, max_tokens=8, temperature=0.0, logprobs=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True}).model_dump()
+    assert a2["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    diff = np.abs(np.array(a2["choices"][0]["logprobs"]["token_logprobs"])
+                  - np.array(plain["choices"][0]["logprobs"]["token_logprobs"]))
+    assert diff.max() < 1e-4, diff.max()
+
+    d2 = turn(pool_client, sid["D"], " And yours?")  # the most recent session kept its KV
+    assert d2["session"]["recomputed_tokens"] == 0
+    assert d2["session"]["loaded_tokens"] == d1["session"]["retained_tokens"]
+
+    log = pool_server.log_path.read_text(errors="replace")
+    assert f"dropped the pinned KV of idle session {sid['A']!r}" in log
+    assert log.count("dropped the pinned KV of idle session") >= 2
+    assert f"session {sid['A']}: the engine no longer held its pinned KV" in log
+    assert requests.get(pool_server.url + "/health", timeout=30).status_code == 200
