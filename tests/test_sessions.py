@@ -130,6 +130,8 @@ def test_get_and_delete_a_session(session_client, session_server):
     info = got.json()
     assert info["turns"] == 1 and info["retained_tokens"] == r["session"]["retained_tokens"]
     assert len(info["tokens"]) == info["retained_tokens"]
+    # SmolLM2-135M in float32: 2 (K, V) x 30 layers x 3 KV heads x 64 dims x 4 bytes
+    assert info["retained_bytes"] == info["retained_tokens"] * 2 * 30 * 3 * 64 * 4
     assert "banana" in "".join(t["text"] for t in info["tokens"])
     assert _http(session_server, "DELETE", f"/v1/sessions/{sid}").status_code == 200
     assert _http(session_server, "GET", f"/v1/sessions/{sid}").status_code == 404

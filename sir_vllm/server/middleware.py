@@ -206,6 +206,8 @@ class SessionMiddleware:
         return {
             "id": session.id, "api": session.api, "turns": session.turns,
             "retained_tokens": len(session.token_ids),
+            "retained_bytes": (None if settings.current.kv_bytes_per_token is None
+                               else len(session.token_ids) * settings.current.kv_bytes_per_token),
             "evicted_tokens": session.evicted_total, "budget": session.policy.cache_size,
             "policy": session.policy.to_dict(), "pending_token": session.pending,
             "messages": session.messages,
