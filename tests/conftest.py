@@ -1,7 +1,7 @@
-"""Shared fixtures: the prepared model and ONE `vllm serve` for the session.
+"""Shared fixtures: the prepared model and the `vllm serve` processes.
 
-An engine takes about a minute to start on the CPU, so every test that needs a
-server shares this one.
+An engine takes about a minute to start on the CPU, so tests share two
+servers per test session: stock (`server`) and SirLLM (`session_server`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ def bundled_model() -> Path:
     return prepare()
 
 
+def started_server(model: Path, log_dir: Path, extra_args: list[str], env: dict | None = None):
+    """A real `vllm serve` on the bundled model; the caller stops it."""
+    proc = ServerProcess(model=str(model), served_model_name=SERVED_NAME,
+                         extra_args=extra_args, log_path=log_dir / "vllm-serve.log",
+                         env=env or {})
+    return proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from sir_vllm.models.tiny import make_tiny
@@ -37,15 +45,9 @@ def plugin_probe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(bundled_model, plugin_probe, tmp_path_factory):
     """`vllm serve` on the bundled model, started through the real CLI."""
-    log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
-    proc = ServerProcess(
-        model=str(bundled_model),
-        served_model_name=SERVED_NAME,
-        extra_args=[*CPU_DEFAULT_ARGS, "--max-model-len", "4096"],
-        log_path=log,
-        env={"SIR_VLLM_PLUGIN_PROBE": str(plugin_probe)},
-    )
-    proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+    proc = started_server(bundled_model, tmp_path_factory.mktemp("server"),
+                          [*CPU_DEFAULT_ARGS, "--max-model-len", "4096"],
+                          env={"SIR_VLLM_PLUGIN_PROBE": str(plugin_probe)})
     yield proc
     proc.stop()
 
@@ -58,14 +60,8 @@ SESSION_POLICY_ARGS = ["--kv-policy", "sirllm", "--kv-start-size", "4",
 @pytest.fixture(scope="session")
 def session_server(bundled_model, tmp_path_factory):
     """`vllm serve --kv-policy sirllm` on the bundled model (one per test session)."""
-    log = tmp_path_factory.mktemp("session-server") / "vllm-serve.log"
-    proc = ServerProcess(
-        model=str(bundled_model),
-        served_model_name=SERVED_NAME,
-        extra_args=[*CPU_DEFAULT_ARGS, "--max-model-len", "4096", *SESSION_POLICY_ARGS],
-        log_path=log,
-    )
-    proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+    proc = started_server(bundled_model, tmp_path_factory.mktemp("session-server"),
+                          [*CPU_DEFAULT_ARGS, "--max-model-len", "4096", *SESSION_POLICY_ARGS])
     yield proc
     proc.stop()
 

@@ -12,20 +12,9 @@ pytest.importorskip("vllm")
 from sir_vllm.connector.protocol import PARAMS_KEY, REPLY_KEY  # noqa: E402
 from sir_vllm.connector.scheduler import SessionScheduler  # noqa: E402
 
+from fake_block_pool import Pool  # noqa: E402
+
 BS = 4
-
-
-class FakePool:
-    def __init__(self, n):
-        self.blocks = [SimpleNamespace(block_id=i, ref_cnt=0) for i in range(n)]
-
-    def touch(self, blocks):
-        for b in blocks:
-            b.ref_cnt += 1
-
-    def free_blocks(self, blocks):
-        for b in blocks:
-            b.ref_cnt -= 1
 
 
 class FakeBlocks:
@@ -48,7 +37,7 @@ def request(rid, prompt, params, computed=0, output=()):
 @pytest.fixture
 def sched():
     s = SessionScheduler(SimpleNamespace(cache_config=SimpleNamespace(block_size=BS)))
-    s.block_pool = FakePool(16)
+    s.block_pool = Pool(16)
     return s
 
 

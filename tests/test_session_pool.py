@@ -22,28 +22,10 @@ pytest.importorskip("vllm")
 from sir_vllm.connector.protocol import PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY  # noqa: E402
 from sir_vllm.connector.scheduler import SessionScheduler  # noqa: E402
 
-from conftest import SERVED_NAME, SESSION_POLICY_ARGS  # noqa: E402
+from conftest import SERVED_NAME, SESSION_POLICY_ARGS, started_server  # noqa: E402
+from fake_block_pool import Pool  # noqa: E402
 
 BS = 4
-
-
-class Pool:
-    """Block pool stand-in: a block is free when nothing references it."""
-
-    def __init__(self, n):
-        self.blocks = [SimpleNamespace(block_id=i, ref_cnt=0) for i in range(n)]
-        self.num_gpu_blocks = n
-
-    def touch(self, blocks):
-        for b in blocks:
-            b.ref_cnt += 1
-
-    def free_blocks(self, blocks):
-        for b in blocks:
-            b.ref_cnt -= 1
-
-    def get_num_free_blocks(self):
-        return sum(b.ref_cnt == 0 for b in self.blocks)
 
 
 class Blocks:
@@ -139,17 +121,10 @@ POOL_BLOCKS = 4  # one of them is vLLM's null block: three usable
 
 @pytest.fixture(scope="module")
 def pool_server(bundled_model, tmp_path_factory):
-    import os
-
-    from sir_vllm.server.process import ServerProcess
-
-    log = tmp_path_factory.mktemp("pool-server") / "vllm-serve.log"
-    proc = ServerProcess(
-        model=str(bundled_model), served_model_name=SERVED_NAME, log_path=log,
-        extra_args=["--dtype", "float32", "--kv-cache-memory-bytes",
-                    str(POOL_BLOCKS * BLOCK_BYTES + BLOCK_BYTES // 2), "--max-model-len", "256",
-                    *SESSION_POLICY_ARGS])
-    proc.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
+    proc = started_server(bundled_model, tmp_path_factory.mktemp("pool-server"),
+                          ["--dtype", "float32", "--kv-cache-memory-bytes",
+                           str(POOL_BLOCKS * BLOCK_BYTES + BLOCK_BYTES // 2),
+                           "--max-model-len", "256", *SESSION_POLICY_ARGS])
     yield proc
     proc.stop()
 
