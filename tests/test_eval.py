@@ -72,6 +72,13 @@ def test_grocery_cli_json_and_budget(tmp_path, bundled_model, capsys):
     assert again["predictions"] == res["predictions"]  # deterministic
 
 
+def test_full_cache_holds_the_grocery_at_recall(tmp_path, bundled_model):
+    res = run_eval(tmp_path, "grocery", "--model", str(bundled_model), "--policy", "full",
+                   "--limit", "1")
+    assert res["metrics"]["key_in_cache"] == 1.0
+    assert res["metrics"]["max_retained"] > 1024  # the dialogue outgrows the paper's budget
+
+
 def test_dailydialog_and_rps_cli(tmp_path, bundled_model):
     dd = run_eval(tmp_path, "dailydialog", "--model", str(bundled_model), "--policy", "streaming",
                   "--limit", "6", "--scoring", "letter")

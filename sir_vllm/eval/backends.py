@@ -64,9 +64,9 @@ class ReferenceChatSession:
         return Choice(turn.choice, turn.candidate_logprobs, turn.retained)
 
     def holds_text(self, text: str) -> bool:
-        """Whether the tokens of `text` still sit, contiguous, in the cache."""
-        needle, hay = self.r.encode(text), self.session.ids
-        return any(hay[i:i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
+        """Whether `text` still reads, whole, in the cache's tokens (decoded:
+        in context, "[chocolate]." tokenizes as " [", "ch", "ocolate", "].")."""
+        return text in self.r.tokenizer.decode(self.session.ids)
 
     def feed(self, role: str, content: str) -> list[float]:
         ids = self.r.encode(self.r.message_text(role, content, self.first_message))
