@@ -49,6 +49,7 @@ class ReferenceSession:
         self.ids: list[int] = []          # token ids that have KV, in cache order
         self.pending: list[int] = []      # sampled but not yet fed (no KV)
         self.book = SessionScores()
+        self._last_row: torch.Tensor | None = None  # feed(): prediction after the last token
 
     @property
     def scores(self) -> np.ndarray:
@@ -92,6 +93,7 @@ class ReferenceSession:
         rows = [_log_softmax(logits[0])]          # rows[...][j]: prediction after token j
         answer, logprobs, greedy, top = [], [], [], []
         kvs = [kv]
+        cache = self.cache.extend(_squeeze(kv))
         steps = len(forced) if forced is not None else max_tokens
         for step in range(steps):
             last = rows[-1][-1]
@@ -101,13 +103,11 @@ class ReferenceSession:
             logprobs.append(float(last[token]))
             greedy.append(best)
             top.append(float(last[best]))
-            if forced is None and (token in stop_ids or step == steps - 1):
+            if step == steps - 1 or (forced is None and token in stop_ids):
                 break
-            if forced is not None and step == steps - 1:
-                break
-            cache = self.cache.extend(_cat_kv(kvs))
             logits, kv = self.model.forward(torch.as_tensor([[token]]), cache)
             kvs.append(kv)
+            cache = cache.extend(_squeeze(kv))
             rows.append(_log_softmax(logits[0]))
         fed = inputs + answer[:-1]
         self._commit(fed, _cat_kv(kvs), torch.cat(rows, dim=0))
@@ -155,8 +155,6 @@ class ReferenceSession:
         self._commit(inputs, _squeeze(kv), rows)
         self._last_row = rows[-1]
         return lp, kept
-
-    _last_row: torch.Tensor | None = None
 
 
 def _squeeze(kv: KVCache) -> KVCache:
