@@ -29,6 +29,48 @@ def test_grocery_episodes_follow_the_paper():
     assert recall.texts[recall.gold] in key  # the asked grocery is the one given
 
 
+class _RecordingSession:
+    """Stands in for a backend session: remembers the messages it was asked."""
+
+    def __init__(self, asked):
+        self.asked = asked
+
+    def choose(self, message, candidates, mode):
+        from types import SimpleNamespace
+        self.asked.append((message, candidates))
+        return SimpleNamespace(index=0, retained=len(self.asked))
+
+
+class _RecordingBackend:
+    def __init__(self):
+        self.asked = []
+
+    def new_session(self, policy):
+        return _RecordingSession(self.asked)
+
+
+@pytest.mark.parametrize("loader", ["grocery", "dailydialog"])
+def test_text_scoring_asks_without_the_listed_choices_and_letter_with_them(loader):
+    from sir_vllm.eval.tasks import run_choice_episodes
+    from sir_vllm.policy import make_policy
+    load = data.load_grocery if loader == "grocery" else data.load_dailydialog
+    episodes = load(data.default_file(loader, DATA), limit=2 if loader == "grocery" else 6)
+    asked = {}
+    for mode in ("letter", "text"):
+        backend = _RecordingBackend()
+        run_choice_episodes(backend, make_policy("full"), episodes, mode, mode)
+        asked[mode] = backend.asked
+    assert len(asked["letter"]) == len(asked["text"]) == sum(len(e.turns) for e in episodes)
+    for (lq, lc), (tq, tc) in zip(asked["letter"], asked["text"]):
+        if lc == ["OK"]:           # the grocery key turn: nothing to list
+            assert lq == tq
+            continue
+        assert " Choices: " in lq and " Choices: " not in tq
+        assert lq.startswith(tq)   # the same question, the list dropped
+        assert all(f"({letter})" in lq for letter in lc)
+        assert not any(text in tq.split("?")[-1] for text in tc if len(text) > 3)
+
+
 def test_rps_prompt_names_the_previous_move():
     ep = data.load_rps(data.rps_files(DATA)["rock"], limit=3, player="rock")
     assert ep.turns[0].question == data.RPS_FIRST
@@ -76,7 +118,9 @@ def test_full_cache_holds_the_grocery_at_recall(tmp_path, bundled_model):
     res = run_eval(tmp_path, "grocery", "--model", str(bundled_model), "--policy", "full",
                    "--limit", "1")
     assert res["metrics"]["key_in_cache"] == 1.0
-    assert res["metrics"]["max_retained"] > 1024  # the dialogue outgrows the paper's budget
+    # Without the listed choices (`text`) a dialogue is ~600-700 tokens: it fits
+    # the paper's 1,024 and outgrows 512, the budget results.md uses to evict.
+    assert 512 < res["metrics"]["max_retained"] <= 1024
 
 
 def test_dailydialog_and_rps_cli(tmp_path, bundled_model):

@@ -21,12 +21,25 @@ RPS_NEXT = ("I chose [{prev}]. Analyze my preferences to maximize your winning r
 @dataclass
 class ChoiceTurn:
     id: str
-    question: str              # the user message
+    question: str              # the user message in `letter` scoring (the paper's, choices listed)
     letters: list[str]         # candidate answers in `letter` scoring
     texts: list[str]           # candidate answers in `text` scoring
     gold: int
     kind: str                  # key | csqa | recall | dialog | rps
     user_choice: int | None = None   # rps: the player's move
+    bare_question: str | None = None  # the user message in `text` scoring: no listed choices
+
+    def message(self, mode: str) -> str:
+        """The user message for a scoring mode.
+
+        `letter` needs the choices listed so the letters mean something; `text`
+        scores each choice's own words as the reply, and a listed set only
+        invites a small model to copy the last item (measured: 135 of 200
+        recall answers on SmolLM2-135M), so it leaves the list out.
+        """
+        if mode == "text" and self.bare_question is not None:
+            return self.bare_question
+        return self.question
 
 
 @dataclass
@@ -48,8 +61,12 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _bare(stem: str, lead: str = "") -> str:
+    return lead + stem.strip()
+
+
 def _listed(stem: str, choices: list[dict], lead: str = "") -> str:
-    text = lead + stem.strip() + " Choices: "
+    text = _bare(stem, lead) + " Choices: "
     for c in choices:
         text += " (" + c["label"] + ") " + c["text"]
     return text
@@ -75,7 +92,8 @@ def load_grocery(path: Path, limit: int | None = None) -> list[Episode]:
             kind = "recall" if rid.startswith("answer") else "csqa"
             turn = ChoiceTurn(rid, _listed(q["stem"], q["choices"]),
                               [c["label"] for c in q["choices"]], [c["text"] for c in q["choices"]],
-                              _gold(q["choices"], row["answerKey"]), kind)
+                              _gold(q["choices"], row["answerKey"]), kind,
+                              bare_question=_bare(q["stem"]))
         if dialogue not in episodes:
             if limit is not None and len(episodes) >= limit:
                 break
@@ -92,10 +110,11 @@ def load_dailydialog(path: Path, limit: int | None = 2000) -> list[Episode]:
     for row in rows[:limit] if limit is not None else rows:
         dialogue = str(row["id"]).split("_")[0]
         q = row["question"]
-        turn = ChoiceTurn(str(row["id"]),
-                          _listed(q["stem"], q["choices"], "Choose the best response for the input: "),
+        lead = "Choose the best response for the input: "
+        turn = ChoiceTurn(str(row["id"]), _listed(q["stem"], q["choices"], lead),
                           [c["label"] for c in q["choices"]], [c["text"].strip() for c in q["choices"]],
-                          _gold(q["choices"], row["answerKey"]), "dialog")
+                          _gold(q["choices"], row["answerKey"]), "dialog",
+                          bare_question=_bare(q["stem"], lead))
         episodes.setdefault(dialogue, Episode(f"dailydialog-{dialogue}")).turns.append(turn)
     return list(episodes.values())
 

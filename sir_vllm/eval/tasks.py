@@ -36,7 +36,7 @@ def run_choice_episodes(backend, policy: Policy, episodes: list[Episode], mode: 
                 if turn.kind == "recall" and key and hasattr(session, "holds_text"):
                     # Diagnostic: is the key's grocery still in the cache when asked?
                     row["key_in_cache"] = session.holds_text(key)
-                choice = session.choose(turn.question, scoring.candidates(turn, mode), mode)
+                choice = session.choose(turn.message(mode), scoring.candidates(turn, mode), mode)
                 row.update(pred=choice.index, gold=turn.gold, user_choice=turn.user_choice,
                            retained=choice.retained)
                 predictions.append(row)
