@@ -1,4 +1,4 @@
-"""Every vLLM internal sir-vllm touches (outside `sir_vllm.kv.cpu_layout`), pinned to 0.32.0.
+"""Every vLLM internal sir-vllm touches, pinned to 0.32.0.
 
 Keeping them here means a vLLM upgrade is one file to re-check. Imports are
 lazy: the policy and sessions layers stay importable without vLLM.
@@ -91,8 +91,53 @@ def computed_token_ids(request, num_tokens: int) -> list[int]:
     return list(request.all_token_ids[:num_tokens])
 
 
+def num_computed_tokens(request) -> int:
+    return int(request.num_computed_tokens)
+
+
+def prompt_token_ids(request) -> list[int]:
+    return list(request.prompt_token_ids or [])
+
+
+def request_id(request) -> str:
+    return request.request_id
+
+
+def tokens_to_hold(request) -> int:
+    """Prompt + max_tokens: the sequence length the request may grow to."""
+    return int(request.num_prompt_tokens) + int(request.max_tokens or 0)
+
+
+def scheduler_limits(vllm_config) -> tuple[int | None, float]:
+    """(max_model_len, the scheduler's free-block watermark fraction)."""
+    model_config = getattr(vllm_config, "model_config", None)
+    watermark = getattr(getattr(vllm_config, "scheduler_config", None), "watermark", 0.0)
+    return getattr(model_config, "max_model_len", None), float(watermark or 0.0)
+
+
+# --- the scheduler's block pool (vllm/v1/core/block_pool.py) -----------------
+
 def pool_blocks(block_pool, block_ids: list[int]):
     return [block_pool.blocks[b] for b in block_ids]
+
+
+def pin_blocks(block_pool, block_ids: list[int]) -> None:
+    """One more reference on each block, so vLLM neither frees nor evicts it."""
+    block_pool.touch(pool_blocks(block_pool, block_ids))
+
+
+def unpin_blocks(block_pool, block_ids: list[int]) -> None:
+    block_pool.free_blocks(pool_blocks(block_pool, block_ids))
+
+
+def free_block_count(block_pool) -> int | None:
+    """Free blocks now, or None when the pool cannot say."""
+    count = getattr(block_pool, "get_num_free_blocks", None)
+    return None if count is None else int(count())
+
+
+def pool_size(block_pool) -> int:
+    return int(getattr(block_pool, "num_gpu_blocks", 0) or 0)
 
 
 def block_table(blocks) -> list[int]:
@@ -106,6 +151,31 @@ def finished_ok(request) -> bool:
     from vllm.v1.request import RequestStatus
 
     return request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+
+
+def kv_transfer_config(fields: dict):
+    """vLLM's `KVTransferConfig` for `--kv-transfer-config`-equivalent fields."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(**fields)
+
+
+# --- the CPU attention backend's KV pages (vllm/v1/attention/backends/cpu_attn.py)
+
+def cpu_attn_isa(dtype, block_size: int, head_dim: int) -> str:
+    """The ISA vLLM's CPU backend picks for this cache (`_get_attn_isa`)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_dim)
+
+
+def cpu_attn_pack(kv_layer, slots, k, v, isa: str) -> None:
+    """Pack K/V [T, H, D] into `slots` with vLLM's op, the cache split as cpu_attn.py splits it."""
+    from vllm import _custom_ops as ops
+
+    num_blocks, heads, block_size, content = kv_layer.shape
+    key_cache, value_cache = kv_layer.view(num_blocks, heads, 2 * block_size, content // 2).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
 
 
 # --- the model's RoPE, as vLLM's Llama-family models build it ----------------

@@ -25,10 +25,12 @@ class FakeBlocks:
         return (self.ids,)
 
 
-def request(rid, prompt, params, computed=0, output=()):
+def request(rid, prompt, params, computed=0, output=(), max_tokens=0):
+    """The fields of vLLM's `Request` the scheduler role reads (through vllm_adapter)."""
     from vllm.v1.request import RequestStatus
 
     return SimpleNamespace(request_id=rid, prompt_token_ids=list(prompt),
+                           num_prompt_tokens=len(prompt), max_tokens=max_tokens,
                            all_token_ids=list(prompt) + list(output), num_computed_tokens=computed,
                            kv_transfer_params={PARAMS_KEY: params}, skip_reading_prefix_cache=True,
                            status=RequestStatus.FINISHED_STOPPED)

@@ -57,10 +57,7 @@ class SessionScheduler:
         self.active: dict[str, str] = {}  # request id -> session key, requests in the engine
         self.recomputed: dict[str, int] = {}  # request id -> kept tokens found unpinned
         self.dropped_total = 0
-        model_config = getattr(vllm_config, "model_config", None)
-        self.max_model_len = getattr(model_config, "max_model_len", None)
-        watermark = getattr(getattr(vllm_config, "scheduler_config", None), "watermark", 0.0)
-        self.watermark = float(watermark or 0.0)
+        self.max_model_len, self.watermark = vllm_adapter.scheduler_limits(vllm_config)
 
     # -- helpers --------------------------------------------------------
     @staticmethod
@@ -74,8 +71,8 @@ class SessionScheduler:
         if pin is None or len(pin.token_ids) != int(p["old_len"]):
             return None
         keep = keep_list(p)
-        prompt = request.prompt_token_ids or []
-        if len(keep) >= len(prompt) or [pin.token_ids[i] for i in keep] != list(prompt[: len(keep)]):
+        prompt = vllm_adapter.prompt_token_ids(request)
+        if len(keep) >= len(prompt) or [pin.token_ids[i] for i in keep] != prompt[: len(keep)]:
             if not quiet:
                 logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
                                "recomputing", p["id"])
@@ -85,28 +82,26 @@ class SessionScheduler:
     def _release(self, session: str) -> None:
         pin = self.pinned.pop(session, None)
         if pin is not None and self.block_pool is not None:
-            self.block_pool.free_blocks(vllm_adapter.pool_blocks(self.block_pool, pin.block_ids))
+            vllm_adapter.unpin_blocks(self.block_pool, pin.block_ids)
 
     # -- LRU dropping of idle sessions' pins -----------------------------
     def _blocks_needed(self, request, num_computed_tokens: int) -> int:
         """New blocks the request takes for its whole sequence (prompt + max_tokens)."""
-        prompt = getattr(request, "num_prompt_tokens", None)
-        if prompt is None:
-            prompt = len(request.prompt_token_ids or [])
-        total = prompt + int(getattr(request, "max_tokens", 0) or 0)
+        total = vllm_adapter.tokens_to_hold(request)
         if self.max_model_len:
             total = min(total, self.max_model_len)
         need = -(-total // self.block_size) - num_computed_tokens // self.block_size
-        pool_size = getattr(self.block_pool, "num_gpu_blocks", 0) or 0
-        return max(need, 1) + int(self.watermark * pool_size)
+        return max(need, 1) + int(self.watermark * vllm_adapter.pool_size(self.block_pool))
 
     def _make_room(self, request, num_computed_tokens: int) -> None:
         """Drop the pins of least recently used idle sessions until the free
         blocks can hold `request` (or no idle session is left)."""
-        free_blocks = getattr(self.block_pool, "get_num_free_blocks", None)
-        if not self.pinned or free_blocks is None:
+        if not self.pinned or self.block_pool is None:
             return
-        need, free = self._blocks_needed(request, num_computed_tokens), free_blocks()
+        free = vllm_adapter.free_block_count(self.block_pool)
+        if free is None:
+            return
+        need = self._blocks_needed(request, num_computed_tokens)
         if free >= need:
             return
         busy = set(self.active.values())
@@ -121,9 +116,9 @@ class SessionScheduler:
             logger.warning(
                 "sir-vllm: KV pool full (%d free blocks, request %s needs %d): dropped the pinned KV "
                 "of idle session %r (key %s, %d blocks, idle %.1fs, least recently used); its next "
-                "turn recomputes its kept tokens", free, request.request_id, need, name, key, blocks,
+                "turn recomputes its kept tokens", free, vllm_adapter.request_id(request), need, name, key, blocks,
                 now - last_used)
-            free = free_blocks()
+            free = vllm_adapter.free_block_count(self.block_pool)
 
     # -- connector API --------------------------------------------------
     def on_new_request(self, request) -> None:
@@ -134,7 +129,7 @@ class SessionScheduler:
         if p.get(DROP_KEY):
             self._release(p["id"])
             return
-        self.active[request.request_id] = p["id"]  # not idle: its pins are never dropped
+        self.active[vllm_adapter.request_id(request)] = p["id"]  # not idle: its pins are never dropped
         pin = self.pinned.get(p["id"])
         if pin is not None:
             pin.last_used = time.monotonic()
@@ -157,7 +152,7 @@ class SessionScheduler:
             return
         keep = self._usable_keep(request, p, quiet=True)
         expected = len(keep_list(p))
-        self.recomputed[request.request_id] = 0 if keep else expected
+        self.recomputed[vllm_adapter.request_id(request)] = 0 if keep else expected
         if num_external_tokens <= 0:
             return
         assert keep is not None, "a load was granted for a session whose pins changed"
@@ -167,7 +162,7 @@ class SessionScheduler:
         src = keep[start:]
         dst = list(range(start, len(keep)))
         self.jobs.append(LoadJob(
-            req_id=request.request_id,
+            req_id=vllm_adapter.request_id(request),
             src_slots=slots(pin.block_ids, src, self.block_size),
             dst_slots=slots(new_blocks, dst, self.block_size),
             delta=[d - s for s, d in zip(src, dst)],
@@ -179,17 +174,18 @@ class SessionScheduler:
         return meta
 
     def request_finished(self, request, block_ids: list[int]):
-        self.active.pop(request.request_id, None)
-        recomputed = self.recomputed.pop(request.request_id, None)
+        rid = vllm_adapter.request_id(request)
+        self.active.pop(rid, None)
+        recomputed = self.recomputed.pop(rid, None)
         p = self.params(request)
         if p is None or p.get(DROP_KEY):
             return False, None
         if not vllm_adapter.finished_ok(request):
             return False, None  # the API keeps the session as before this turn
-        num = int(request.num_computed_tokens)
+        num = vllm_adapter.num_computed_tokens(request)
         need = -(-num // self.block_size)
         block_ids = list(block_ids[:need])
-        self.block_pool.touch(vllm_adapter.pool_blocks(self.block_pool, block_ids))
+        vllm_adapter.pin_blocks(self.block_pool, block_ids)
         self._release(p["id"])
         self.pinned[p["id"]] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
                                       name=str(p.get("name", "")))

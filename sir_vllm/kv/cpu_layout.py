@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import torch
 
+from sir_vllm import vllm_adapter
 from sir_vllm.kv.layout import KVLayout, check_layer, split_slots
 
 
-# --- the vLLM 0.32.0 adapter: the only code in sir_vllm.kv that calls vLLM ---
-
 def vllm_cpu_isa(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
-    """The ISA vLLM's CPU backend picks for this cache (cpu_attn._get_attn_isa)."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-    return _get_attn_isa(dtype, block_size, head_dim)
+    return vllm_adapter.cpu_attn_isa(dtype, block_size, head_dim)
 
 
 def vllm_cpu_pack(kv_layer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   isa: str) -> None:
-    """Pack K/V [T, H, D] into `slots` with vLLM's op, split as cpu_attn.py does."""
-    from vllm import _custom_ops as ops
-    num_blocks, heads, block_size, content = kv_layer.shape
-    key_cache, value_cache = kv_layer.view(num_blocks, heads, 2 * block_size, content // 2).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+    vllm_adapter.cpu_attn_pack(kv_layer, slots, k, v, isa)
 
 
 # --- reading through a view, proven against the op ---------------------------

@@ -117,9 +117,9 @@ def apply_kv_policy_args(args) -> None:
     except FlagError as e:
         print(f"vllm serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from vllm.config import KVTransferConfig
+    from sir_vllm import vllm_adapter
 
-    args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(policy))
+    args.kv_transfer_config = vllm_adapter.kv_transfer_config(kv_transfer_config(policy))
     if hasattr(args, "middleware"):
         args.middleware = [*(args.middleware or []), MIDDLEWARE]
     from sir_vllm.server import settings
