@@ -84,7 +84,12 @@ def rps_metrics(predictions_by_player: dict[str, list[dict]]) -> dict:
 
 def run_stream_ppl(backend, policy: Policy, dialogues: list[list[str]], max_tokens: int) -> dict:
     """Feed the dialogues as one long conversation (utterances alternate user
-    and assistant), one message a turn, until `max_tokens` tokens are scored."""
+    and assistant), one message a turn, until `max_tokens` tokens are scored.
+
+    A message's first token (the template's `<|im_start|>`) is not scored: its
+    prediction sits at the previous message's last position, whose row a
+    server session does not return (that position's KV is loaded, not
+    recomputed); every other token of every message is."""
     total_nll, count, turns = 0.0, 0, 0
     session = backend.new_session(policy)
     with tqdm(total=max_tokens, desc="stream-ppl", unit="tok", dynamic_ncols=True,
@@ -92,7 +97,7 @@ def run_stream_ppl(backend, policy: Policy, dialogues: list[list[str]], max_toke
         for dialogue in dialogues:
             for i, utterance in enumerate(dialogue):
                 logprobs = session.feed("user" if i % 2 == 0 else "assistant", utterance)
-                scored = [lp for lp in logprobs if not math.isnan(lp)]
+                scored = [lp for lp in logprobs[1:] if not math.isnan(lp)]
                 total_nll -= sum(scored)
                 count += len(scored)
                 turns += 1
