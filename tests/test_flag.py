@@ -51,6 +51,13 @@ def test_bad_values_name_the_flag(argv, flag):
         flags.policy_from_args(parse(*argv))
 
 
+def test_reference_code_score_is_refused_with_the_reason():
+    """The server cannot read a prompt row's log-prob of its own token on vLLM 0.32's
+    V1 runners; the flag says so instead of serving a different score."""
+    with pytest.raises(flags.FlagError, match="--kv-score.*prompt_logprob_token_ids"):
+        flags.policy_from_args(parse("--kv-policy", "sirllm", "--kv-score", "reference-code"))
+
+
 def test_several_api_servers_are_refused():
     args = parse("--kv-policy", "sirllm")
     args.api_server_count, args.kv_transfer_config = 2, None

@@ -78,8 +78,15 @@ def policy_from_args(args):
     except ValueError as e:
         raise FlagError(f"{_flag_for(str(e))}: {e}") from None
     if getattr(policy, "score", "paper") != "paper" and policy.needs_scores:
-        raise FlagError("--kv-score: 'reference-code' needs every position's full distribution, "
-                        "which the server does not collect yet; use 'paper'")
+        # The released code scores token j with the logit row at j itself (not
+        # the row before it). vLLM 0.32 returns an arbitrary token's log-prob per
+        # prompt row only through `prompt_logprob_token_ids`, which its V1 model
+        # runners (the CPU one included) refuse; prompt_logprobs=-1 would ship the
+        # whole vocabulary per token. So the server offers the paper's score only.
+        raise FlagError("--kv-score: 'reference-code' (the released code's one-position shift) "
+                        "needs each prompt row's log-prob of its own token, which vLLM 0.32 "
+                        "gives only on its V2 model runner (prompt_logprob_token_ids); "
+                        "use 'paper', or the oracle (`sir-vllm eval --backend reference`)")
     return policy
 
 
