@@ -22,6 +22,22 @@ from pathlib import Path
 CPU_DEFAULT_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "2G"]
 
 
+def die_with_parent() -> None:
+    """`preexec_fn`: the child gets SIGTERM when the process that started it dies.
+
+    Servers run in their own process group (so `stop` can signal the whole
+    tree), which also shields them from a Ctrl-C or a CI timeout that kills
+    the test run: without this, a killed pytest leaves engines holding the
+    cores. Linux only (prctl PR_SET_PDEATHSIG); a no-op elsewhere.
+    """
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +83,7 @@ class ServerProcess:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env}, start_new_session=True,
+            env={**os.environ, **self.env}, preexec_fn=die_with_parent,
         )
         self.wait_ready(timeout)
         return self
