@@ -97,3 +97,18 @@ def test_the_next_turn_releases_the_old_pins(sched):
     drop = request("c", [1], {"id": "S", "drop": True})
     sched.on_new_request(drop)
     assert [b.ref_cnt for b in sched.block_pool.blocks[2:4]] == [0, 0] and "S" not in sched.pinned
+
+
+def test_a_peek_loads_the_pins_and_changes_none(sched):
+    finish_first_turn(sched)
+    peek = request("p", [10, 11, 15, 17, 18, 99], {"id": "S", "old_len": 8, "keep": [0, 1, 5, 7],
+                                                   "peek": True}, computed=6, output=[5])
+    sched.on_new_request(peek)
+    assert sched.get_num_new_matched_tokens(peek, 0) == (4, False)
+    sched.update_state_after_alloc(peek, FakeBlocks([7, 9]), 4)
+    assert len(sched.build_connector_meta(None).loads) == 1
+    assert sched.request_finished(peek, [7, 9]) == (False, {REPLY_KEY: 6})
+    assert sched.pinned["S"].block_ids == [2, 3] and sched.pinned["S"].token_ids == list(range(10, 18))
+    assert [b.ref_cnt for b in sched.block_pool.blocks[2:4]] == [1, 1]
+    assert [b.ref_cnt for b in sched.block_pool.blocks[7:10:2]] == [0, 0]
+    assert "p" not in sched.active

@@ -3,7 +3,8 @@
 A finished session turn keeps its blocks (ref count +1, `block_pool.touch`).
 The session's next request reports the kept tokens as externally matched and
 the worker copies them, re-rotated, into the request's first slots. The old
-pins are released when that next turn finishes and pins its own blocks.
+pins are released when that next turn finishes and pins its own blocks. A
+peek (`"peek": true`) loads the same way and changes no pin when it finishes.
 
 Pins of idle sessions hold pool blocks. When a request arrives that the free
 blocks cannot hold (`get_num_new_matched_tokens`, called for every request the
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 from sir_vllm import vllm_adapter
 from sir_vllm.connector.metadata import LoadJob, SirConnectorMetadata
-from sir_vllm.connector.protocol import DROP_KEY, PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY, keep_list
+from sir_vllm.connector.protocol import (DROP_KEY, PARAMS_KEY, PEEK_KEY, RECOMPUTED_KEY, REPLY_KEY,
+                                         keep_list)
 
 logger = logging.getLogger("vllm.sir_vllm.connector")
 
@@ -183,12 +185,13 @@ class SessionScheduler:
         if not vllm_adapter.finished_ok(request):
             return False, None  # the API keeps the session as before this turn
         num = vllm_adapter.num_computed_tokens(request)
-        need = -(-num // self.block_size)
-        block_ids = list(block_ids[:need])
-        vllm_adapter.pin_blocks(self.block_pool, block_ids)
-        self._release(p["id"])
-        self.pinned[p["id"]] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
-                                      name=str(p.get("name", "")))
+        if not p.get(PEEK_KEY):
+            need = -(-num // self.block_size)
+            block_ids = list(block_ids[:need])
+            vllm_adapter.pin_blocks(self.block_pool, block_ids)
+            self._release(p["id"])
+            self.pinned[p["id"]] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
+                                          name=str(p.get("name", "")))
         reply = {REPLY_KEY: num}
         if recomputed:
             reply[RECOMPUTED_KEY] = recomputed

@@ -32,6 +32,15 @@ session budget, at most 256 tokens (every reserved token is evicted from the
 session's memory first). Tools, custom chat templates and
 `continue_final_message` are refused in a session.
 
+Scoring fields (completions sessions only; a 400 elsewhere): `max_tokens: 0`
+is a prefill (the engine samples one token, which is dropped: the session keeps
+exactly the prompt, no pending token; text ""); `session_peek: true` runs the
+turn on the session's current state and returns its logprobs without changing
+the session (the engine pins nothing and keeps the old pins; the peek's blocks
+get a salt of their own, so no later turn reads them as prefix hits, whose
+prompt-logprob rows would be missing); `session_reserve_tokens: N` plans the
+eviction as if N tokens came (at least the turn's new tokens + max_tokens).
+
 Every session response reports the session in a `session` object (`turns`,
 `retained_tokens`, `loaded_tokens`, `recomputed_tokens`, `evicted_tokens`,
 `budget`) and in the `X-Session-Retained-Tokens` header.
@@ -47,9 +56,10 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from functools import cached_property
 
-from sir_vllm.connector.protocol import PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY
+from sir_vllm.connector.protocol import PARAMS_KEY, PEEK_KEY, RECOMPUTED_KEY, REPLY_KEY
 from sir_vllm.policy import make_policy
 from sir_vllm.server import settings
 from sir_vllm.sessions import (ChatError, SessionStore, TurnError, commit_turn, new_messages,
@@ -69,6 +79,7 @@ CHAT_ONLY = frozenset({
     "continue_final_message", "chat_template", "chat_template_kwargs", "tools", "tool_choice",
     "parallel_tool_calls", "documents", "include_reasoning", "reasoning_effort",
     "media_io_kwargs", "mm_processor_kwargs", "return_prompt_text", "logprobs"})
+SESSION_FIELDS = ("session_peek", "session_reserve_tokens")  # ours; never forwarded to vLLM
 
 
 class _Upstream(Exception):
@@ -168,6 +179,9 @@ class SessionMiddleware:
                 raise HTTPError(400, f"kv_transfer_params.{PARAMS_KEY} is reserved for the server")
             sid = data.get("session_id") or _header(scope, b"x-session-id")
             if not sid:
+                for key in SESSION_FIELDS:
+                    if key in data:
+                        raise HTTPError(400, f"{key} needs a session (session_id or X-Session-ID)")
                 return await self.app(scope, _replay(body, receive), send)
             await self._turn(scope, receive, send, data, str(sid), "chat" if path == CHAT else "completions")
         except HTTPError as e:
@@ -253,6 +267,7 @@ class SessionMiddleware:
             raise HTTPError(400, "n and best_of must be 1 with session_id")
         if api == "chat":
             self._check_chat_fields(data)
+        peek, reserve = self._session_fields(data)
         policy, explicit = self._policy_for(data)
         tenant = tenant_of(_api_key(scope))
         session, created = self.store.get_or_create(tenant, sid, policy)
@@ -268,7 +283,8 @@ class SessionMiddleware:
                 if api == "chat":
                     status, out, headers = await self._chat_turn(scope, receive, data, session)
                 else:
-                    status, out, headers = await self._completion_turn(scope, receive, data, session)
+                    status, out, headers = await self._completion_turn(scope, receive, data, session,
+                                                                       peek, reserve)
                 await _send_json(send, status, out, headers)
             except _Upstream as e:
                 await self._forward(send, e.status, e.headers, e.raw)
@@ -282,28 +298,49 @@ class SessionMiddleware:
             raise HTTPError(400, f"{name} must be an integer")
         return value
 
-    async def _completion_turn(self, scope, receive, data: dict, session):
+    @staticmethod
+    def _session_fields(data: dict) -> tuple[bool, int | None]:
+        """Pop and check `session_peek` and `session_reserve_tokens`."""
+        peek = data.pop("session_peek", None)
+        reserve = data.pop("session_reserve_tokens", None)
+        if peek is not None and not isinstance(peek, bool):
+            raise HTTPError(400, "session_peek must be true or false")
+        if reserve is not None and (not isinstance(reserve, int) or isinstance(reserve, bool)
+                                    or reserve < 0):
+            raise HTTPError(400, "session_reserve_tokens must be an integer >= 0")
+        return bool(peek), reserve
+
+    async def _completion_turn(self, scope, receive, data: dict, session, peek: bool = False,
+                               reserve: int | None = None):
         max_tokens = data.get("max_tokens")
         max_tokens = self._max_tokens(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
         new_ids = self._new_ids(data, session.turns == 0)
-        out = await self._run_turn(scope, receive, data, session, new_ids, max_tokens, "completions")
+        out = await self._run_turn(scope, receive, data, session, new_ids, max_tokens, "completions",
+                                   peek, reserve)
         return 200, out, {"x-session-retained-tokens": out["session"]["retained_tokens"]}
 
     async def _run_turn(self, scope, receive, data: dict, session, new_ids: list[int],
-                        max_tokens: int, api: str) -> dict:
-        """One turn on the engine (a completions request); commits it and returns
-        vLLM's completions response, trimmed, with the `session` object."""
+                        max_tokens: int, api: str, peek: bool = False,
+                        reserve: int | None = None) -> dict:
+        """One turn on the engine (a completions request); commits it (unless a
+        peek) and returns vLLM's completions response, trimmed, with the
+        `session` object. max_tokens 0: a prefill (the sampled token is dropped)."""
         try:
-            plan = plan_turn(session, new_ids, max_tokens)
+            plan = plan_turn(session, new_ids, max_tokens, reserve)
         except TurnError as e:
             raise HTTPError(400, str(e)) from None
 
         asked = {k: data.get(k) for k in ("logprobs", "prompt_logprobs", "return_token_ids")}
+        params = dict(plan.kv_transfer_params)
+        salt = session.cache_salt
+        if peek:
+            params[PARAMS_KEY] = {**params[PARAMS_KEY], PEEK_KEY: True}
+            salt = f"{salt}-peek-{uuid.uuid4().hex}"  # its blocks never serve a later turn
         req = dict(data)
-        req.update(prompt=plan.prompt_ids, max_tokens=max_tokens, cache_salt=session.cache_salt,
+        req.update(prompt=plan.prompt_ids, max_tokens=max(1, max_tokens), cache_salt=salt,
                    return_token_ids=True,
-                   kv_transfer_params={**(data.get("kv_transfer_params") or {}), **plan.kv_transfer_params})
-        if session.policy.needs_scores:
+                   kv_transfer_params={**(data.get("kv_transfer_params") or {}), **params})
+        if session.policy.needs_scores and not peek:
             req["logprobs"] = asked["logprobs"] or 0
             req["prompt_logprobs"] = asked["prompt_logprobs"] or 0
         status, headers, raw = await self._call(scope, receive, req, path=COMPLETIONS)
@@ -311,16 +348,26 @@ class SessionMiddleware:
             raise _Upstream(status, headers, raw)
         out = json.loads(raw)
         choice = out["choices"][0]
+        if max_tokens == 0:
+            self._drop_answer(out, choice)
+        reply = out.get("kv_transfer_params") or {}
+        recomputed = min(int(reply.get(RECOMPUTED_KEY) or 0), plan.kept)
+        if peek:
+            self._trim(out, choice, asked, plan.kept)
+            out["session"] = {
+                "id": session.id, "turns": session.turns, "retained_tokens": len(session.token_ids),
+                "loaded_tokens": plan.kept - recomputed, "recomputed_tokens": recomputed,
+                "evicted_tokens": session.evicted_total, "budget": session.policy.cache_size,
+                "peek": True}
+            return out
         lp = choice.get("logprobs") or {}
         commit_turn(session, plan, choice["token_ids"], choice.get("prompt_logprobs"),
-                    lp.get("token_logprobs"))
+                    lp.get("token_logprobs"), prefill_only=max_tokens == 0)
         session.api = api
-        reply = out.get("kv_transfer_params") or {}
         engine = reply.get(REPLY_KEY)
         if engine != len(session.token_ids):
             logger.warning("sir-vllm: session %s: engine pinned %s tokens, expected %d; "
                            "the next turn recomputes", session.id, engine, len(session.token_ids))
-        recomputed = min(int(reply.get(RECOMPUTED_KEY) or 0), plan.kept)
         if recomputed:
             logger.warning("sir-vllm: session %s: the engine no longer held its pinned KV (dropped "
                            "from a full KV pool); recomputed its %d kept tokens from their ids",
@@ -335,6 +382,9 @@ class SessionMiddleware:
     # -- one chat turn ----------------------------------------------------
     @staticmethod
     def _check_chat_fields(data: dict) -> None:
+        for key in SESSION_FIELDS:
+            if key in data:
+                raise HTTPError(400, f"{key} is supported in /v1/completions sessions only")
         if data.get("tools") or data.get("tool_choice") not in (None, "none", "auto"):
             raise HTTPError(400, "tools are not supported in a chat session")
         for key in ("chat_template", "chat_template_kwargs", "documents"):
@@ -369,6 +419,9 @@ class SessionMiddleware:
         if max_tokens is None:
             max_tokens = self._chat_default_max_tokens(session, len(new_ids))
         max_tokens = self._max_tokens(max_tokens, name)
+        if max_tokens < 1:
+            raise HTTPError(400, f"{name} must be >= 1 in a chat session (a prefill, max_tokens 0, "
+                                 f"is for /v1/completions sessions)")
         top = data.get("top_logprobs")
         if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
             raise HTTPError(400, "top_logprobs must be a non-negative integer")
@@ -417,6 +470,18 @@ class SessionMiddleware:
             result["choices"][0]["token_ids"] = choice.get("token_ids")
             result["prompt_token_ids"] = choice.get("prompt_token_ids")
         return result
+
+    @staticmethod
+    def _drop_answer(out: dict, choice: dict) -> None:
+        """A prefill (max_tokens 0): drop the one token the engine had to sample."""
+        choice.update(text="", token_ids=[], finish_reason="length", stop_reason=None)
+        if choice.get("logprobs"):
+            choice["logprobs"] = {"text_offset": [], "token_logprobs": [], "tokens": [],
+                                  "top_logprobs": []}
+        usage = out.get("usage")
+        if usage:
+            usage["completion_tokens"] = 0
+            usage["total_tokens"] = usage.get("prompt_tokens")
 
     @staticmethod
     def _trim(out: dict, choice: dict, asked: dict, kept: int) -> None:

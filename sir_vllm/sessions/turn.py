@@ -3,7 +3,14 @@
 The prompt is `kept ids + pending token + new ids`; the engine connector loads
 the kept tokens' KV from the session's pinned blocks (`keep` are indices into
 the session's cached tokens). Nothing in the session changes until the turn
-has succeeded (`commit_turn`), so a failed turn leaves it as it was.
+has succeeded (`commit_turn`), so a failed turn leaves it as it was (and a
+peek, which is never committed, leaves it as it was by construction).
+
+A turn with max_tokens 0 is a prefill (lm-eval's scoring idiom): the session
+keeps exactly the prompt and no pending token. `reserve` plans the eviction as
+if that many tokens came this turn (a choice task reserves the context plus its
+longest candidate for every candidate's peek and for the committing prefill,
+so all of them see the same keep set).
 """
 
 from __future__ import annotations
@@ -31,21 +38,35 @@ class TurnPlan:
     kv_transfer_params: dict
 
 
-def plan_turn(session: Session, new_ids: list[int], max_tokens: int) -> TurnPlan:
+def tokens_needed(session: Session, new_ids: list[int], max_tokens: int) -> int:
+    """Tokens the turn adds to the cache at most. With an answer, the pending
+    token stands in for the last answer token (which gets no KV); a prefill
+    keeps the pending token and every new one."""
+    if max_tokens > 0:
+        return len(new_ids) + max_tokens
+    return len(new_ids) + (session.pending is not None)
+
+
+def plan_turn(session: Session, new_ids: list[int], max_tokens: int,
+              reserve: int | None = None) -> TurnPlan:
     policy = session.policy
-    if max_tokens < 1:
-        raise TurnError("max_tokens must be >= 1 in a session")
-    num_coming = len(new_ids) + max_tokens  # the pending token stands in for the last answer token
+    if max_tokens < 0:
+        raise TurnError("max_tokens must be >= 0 in a session (0: prefill only)")
+    num_coming = tokens_needed(session, new_ids, max_tokens)
+    what = f"turn of {len(new_ids)} tokens + max_tokens {max_tokens} = {num_coming}"
+    if reserve is not None:
+        if reserve < num_coming:
+            raise TurnError(f"session_reserve_tokens {reserve} is less than the {what} tokens "
+                            f"it must hold")
+        num_coming, what = reserve, f"turn reserving {reserve} tokens (session_reserve_tokens)"
     budget = policy.cache_size
     scores = SessionScores(session.scores.scores.copy(), session.scores.turns)
     if budget is not None and session.turns == 0 and num_coming > budget:
-        raise TurnError(f"turn of {len(new_ids)} tokens + max_tokens {max_tokens} = {num_coming} "
-                        f"exceeds the session budget of {budget} tokens")
+        raise TurnError(f"{what} exceeds the session budget of {budget} tokens")
     try:
         keep = scores.before_turn(policy, num_coming)
     except ValueError as e:
-        raise TurnError(f"turn of {len(new_ids)} tokens + max_tokens {max_tokens} = {num_coming} "
-                        f"does not fit the session budget of {budget} tokens: {e}") from None
+        raise TurnError(f"{what} does not fit the session budget of {budget} tokens: {e}") from None
     kept_ids = session.token_ids if keep is None else [session.token_ids[i] for i in keep]
     pending = [] if session.pending is None else [session.pending]
     prompt = [*kept_ids, *pending, *new_ids]
@@ -74,11 +95,15 @@ def prompt_surprisal(prompt_logprobs: list | None, prompt_ids: list[int], start:
 
 
 def commit_turn(session: Session, plan: TurnPlan, output_ids: list[int],
-                prompt_logprobs: list | None, output_logprobs: list[float] | None) -> None:
-    """Record the turn: cached = prompt + answer minus its last token (now pending)."""
-    if not output_ids:
+                prompt_logprobs: list | None, output_logprobs: list[float] | None,
+                prefill_only: bool = False) -> None:
+    """Record the turn: cached = prompt + answer minus its last token (now
+    pending); a prefill (`prefill_only`, output_ids ignored) caches the prompt."""
+    if prefill_only:
+        output_ids, output_logprobs = [], []
+    elif not output_ids:
         raise RuntimeError("a session turn produced no token")
-    n_new = len(plan.prompt_ids) - plan.kept + len(output_ids) - 1
+    n_new = len(plan.prompt_ids) - plan.kept + max(len(output_ids) - 1, 0)
     if session.policy.needs_scores:
         s = prompt_surprisal(prompt_logprobs, plan.prompt_ids, plan.kept)
         s += [-float(x) for x in (output_logprobs or [])[: len(output_ids) - 1]]
@@ -90,7 +115,7 @@ def commit_turn(session: Session, plan: TurnPlan, output_ids: list[int],
     plan.scores.after_turn(new_scores)
     session.scores = plan.scores
     session.token_ids = list(plan.prompt_ids) + list(output_ids[:-1])
-    session.pending = int(output_ids[-1])
+    session.pending = int(output_ids[-1]) if output_ids else None
     session.answer_ids = [int(t) for t in output_ids]
     session.evicted_total += old - plan.kept
     assert len(session.token_ids) == session.scores.size
