@@ -34,9 +34,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--backend", choices=["reference"], default="reference",
-                   help="reference: the PyTorch oracle in this process")
-    p.add_argument("--model", required=True, help="checkpoint folder (sir-vllm model prepare)")
+    p.add_argument("--backend", choices=["reference", "server"], default="reference",
+                   help="reference: the PyTorch oracle in this process; server: a running "
+                        "`vllm serve --kv-policy sirllm|streaming` (--url), one session per "
+                        "dialogue, the policy sent with every request")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (sir-vllm model prepare); server backend: the "
+                        "tokenizer (default: the served model's path)")
+    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="server API key (sessions belong to it)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name on the server (default: its first model)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="server backend: sessions (dialogues, RPS players) in flight at once")
     add_policy_args(p)
     p.add_argument("--scoring", choices=SCORING_MODES, default="text",
                    help="letter: log-prob of the choice letter (the paper); text: length-"
@@ -61,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
     defaults = TASK_DEFAULTS[args.task]
     policy = policy_from_args(args, **defaults)
     data_dir = args.data_dir or data.default_data_dir()
-    backend = make_backend(args.backend, model=args.model)
+    if args.backend == "reference" and not args.model:
+        raise ValueError("--backend reference needs --model DIR")
+    backend = make_backend(args.backend, model=args.model, url=args.url, api_key=args.api_key,
+                           concurrency=args.concurrency, served_model_name=args.served_model_name)
     started = time.monotonic()
     predictions = None
     if args.task == "grocery":
@@ -78,11 +91,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "rps":
         files = {Path(args.data).stem: args.data} if args.data else data.rps_files(data_dir)
         path = [str(f) for f in files.values()]
-        by_player = {}
-        for player, f in files.items():
-            episode = data.load_rps(f, args.limit or 2000, player)
-            by_player[player] = tasks.run_choice_episodes(backend, policy, [episode],
-                                                          args.scoring, f"rps {player}")
+        episodes = [data.load_rps(f, args.limit or 2000, player) for player, f in files.items()]
+        rows = tasks.run_choice_episodes(backend, policy, episodes, args.scoring, "rps")
+        by_player = {player: [r for r in rows if r["episode"] == e.id]
+                     for player, e in zip(files, episodes)}
         metrics = tasks.rps_metrics(by_player)
         predictions = [dict(p, player=k) for k, rows in by_player.items() for p in rows]
     else:
@@ -90,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         metrics = tasks.run_stream_ppl(backend, policy, data.load_dialogue_stream(path),
                                        args.limit or 50_000)
     result = {
-        "task": args.task, "backend": args.backend, "model": str(args.model),
+        "task": args.task, "backend": args.backend,
+        "model": str(args.model or getattr(backend, "tokenizer_path", None)),
+        **({"url": backend.url, "concurrency": backend.concurrency}
+           if args.backend == "server" else {}),
         "policy": policy.to_dict(), "scoring": args.scoring if args.task != "stream-ppl" else None,
         "data": str(path), "limit": args.limit, "metrics": metrics,
         "seconds": round(time.monotonic() - started, 1),

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench_cmd, eval_cmd, model_cmd, patches_cmd, replay_cmd
+from . import bench_cmd, compare_cmd, eval_cmd, model_cmd, patches_cmd, replay_cmd
 
-SUBCOMMANDS = [model_cmd, patches_cmd, eval_cmd, replay_cmd, bench_cmd]
+SUBCOMMANDS = [model_cmd, patches_cmd, eval_cmd, compare_cmd, replay_cmd, bench_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,14 @@
-"""Where a task's sessions run. `reference`: the oracle in this process.
+"""Where a task's sessions run. `reference`: the oracle in this process;
+`server`: a live `vllm serve --kv-policy ...` (`server_backend.py`).
 
 A backend opens sessions; a session answers choice turns (picks a candidate,
-which then stays in its cache) and feeds text (for perplexity). The server
-backend (a live `vllm serve --kv-policy ...`) implements the same protocol.
+which then stays in its cache) and feeds text (for perplexity). A backend's
+`concurrency` says how many sessions the tasks may run at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ class Choice:
     index: int
     logprobs: list[list[float]]
     retained: int
+    scores: list[float] = field(default_factory=list)  # the values `scoring.pick` compared
 
 
 class Session(Protocol):
@@ -32,6 +34,7 @@ class ReferenceBackend:
     """Sessions of the PyTorch oracle on a local checkpoint."""
 
     name = "reference"
+    concurrency = 1  # one model in this process: sessions run one after another
 
     def __init__(self, model_dir: Path | str):
         from transformers import AutoTokenizer
@@ -61,7 +64,8 @@ class ReferenceChatSession:
         turn = self.session.choose(
             context, cands, pick=lambda lps: scoring.pick(mode, texts, lengths, lps))
         self.last_answer = cands[turn.choice]
-        return Choice(turn.choice, turn.candidate_logprobs, turn.retained)
+        return Choice(turn.choice, turn.candidate_logprobs, turn.retained,
+                      scoring.values(mode, texts, lengths, turn.candidate_logprobs))
 
     def holds_text(self, text: str) -> bool:
         """Whether `text` still reads, whole, in the cache's tokens (decoded:
@@ -75,9 +79,18 @@ class ReferenceChatSession:
         return logprobs
 
 
-def make_backend(name: str, model: str | None = None, url: str | None = None):
+def make_backend(name: str, model: str | None = None, url: str | None = None,
+                 api_key: str | None = None, concurrency: int = 8,
+                 served_model_name: str | None = None):
     if name == "reference":
         if not model:
             raise ValueError("--backend reference needs --model DIR")
         return ReferenceBackend(model)
-    raise ValueError(f"unknown backend {name!r} (available: reference)")
+    if name == "server":
+        from .server_backend import ServerBackend
+
+        if not url:
+            raise ValueError("--backend server needs --url (e.g. http://127.0.0.1:8000)")
+        return ServerBackend(url, model=model, api_key=api_key, concurrency=concurrency,
+                             served_model_name=served_model_name)
+    raise ValueError(f"unknown backend {name!r} (available: reference, server)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -23,25 +25,58 @@ def _bar(total: int, desc: str):
 
 def run_choice_episodes(backend, policy: Policy, episodes: list[Episode], mode: str,
                         desc: str) -> list[dict]:
-    """One session per episode; every turn's pick stays in that session's cache."""
-    predictions = []
+    """One session per episode; every turn's pick stays in that session's cache.
+
+    Episodes are independent: up to `backend.concurrency` run at once (a
+    server serves many sessions; the oracle runs them one by one). The rows
+    come back in episode order whatever the order they finish in."""
+    workers = min(max(1, int(getattr(backend, "concurrency", 1))), len(episodes))
+    stop = threading.Event()  # set on the first failure: the other episodes end early
     with _bar(sum(len(e.turns) for e in episodes), desc) as bar:
-        for episode in episodes:
-            session = backend.new_session(policy)
-            key = None
-            for turn in episode.turns:
-                row = {"episode": episode.id, "id": turn.id, "kind": turn.kind}
-                if turn.kind == "key":
-                    key = _bracketed(turn.question)
-                if turn.kind == "recall" and key and hasattr(session, "holds_text"):
-                    # Diagnostic: is the key's grocery still in the cache when asked?
-                    row["key_in_cache"] = session.holds_text(key)
-                choice = session.choose(turn.message(mode), scoring.candidates(turn, mode), mode)
-                row.update(pred=choice.index, gold=turn.gold, user_choice=turn.user_choice,
-                           retained=choice.retained)
-                predictions.append(row)
-                bar.update(1)
-    return predictions
+        def one(episode: Episode) -> list[dict]:
+            return _run_episode(backend, policy, episode, mode, bar, stop)
+
+        if workers <= 1:
+            results = [one(e) for e in episodes]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                futures = [pool.submit(one, e) for e in episodes]
+                try:
+                    results = [f.result() for f in futures]
+                except BaseException:
+                    stop.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
+    return [row for rows in results for row in rows]
+
+
+def _run_episode(backend, policy: Policy, episode: Episode, mode: str, bar,
+                 stop: threading.Event) -> list[dict]:
+    rows = []
+    session = backend.new_session(policy)
+    try:
+        key = None
+        for turn in episode.turns:
+            if stop.is_set():
+                break
+            row = {"episode": episode.id, "id": turn.id, "kind": turn.kind}
+            if turn.kind == "key":
+                key = _bracketed(turn.question)
+            if turn.kind == "recall" and key and hasattr(session, "holds_text"):
+                # Diagnostic: is the key's grocery still in the cache when asked?
+                row["key_in_cache"] = session.holds_text(key)
+            choice = session.choose(turn.message(mode), scoring.candidates(turn, mode), mode)
+            row.update(pred=choice.index, gold=turn.gold, user_choice=turn.user_choice,
+                       retained=choice.retained)
+            if getattr(choice, "scores", None):
+                row["scores"] = [round(v, 6) for v in choice.scores]
+            rows.append(row)
+            bar.update(1)
+    finally:
+        if hasattr(session, "close"):
+            session.close()
+    return rows
 
 
 def _bracketed(text: str) -> str | None:
@@ -90,8 +125,16 @@ def run_stream_ppl(backend, policy: Policy, dialogues: list[list[str]], max_toke
     prediction sits at the previous message's last position, whose row a
     server session does not return (that position's KV is loaded, not
     recomputed); every other token of every message is."""
-    total_nll, count, turns = 0.0, 0, 0
     session = backend.new_session(policy)
+    try:
+        return _stream(session, dialogues, max_tokens)
+    finally:
+        if hasattr(session, "close"):
+            session.close()
+
+
+def _stream(session, dialogues: list[list[str]], max_tokens: int) -> dict:
+    total_nll, count, turns = 0.0, 0, 0
     with tqdm(total=max_tokens, desc="stream-ppl", unit="tok", dynamic_ncols=True,
               mininterval=2.0) as bar:
         for dialogue in dialogues:
