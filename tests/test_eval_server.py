@@ -190,3 +190,24 @@ def test_stream_ppl_on_the_server_matches_the_oracle(tmp_path, bundled_model, se
     srv = run_eval(tmp_path, "srv", *common, "--backend", "server", "--url", session_server.url)
     assert srv["metrics"]["n_tokens"] == ref["metrics"]["n_tokens"] >= 300
     assert srv["metrics"]["ppl"] == pytest.approx(ref["metrics"]["ppl"], rel=1e-3)
+
+
+def test_full_cache_on_a_server_is_a_session_that_never_evicts(session_server, bundled_model):
+    from sir_vllm.eval.server_backend import ServerBackend
+    from sir_vllm.policy import make_policy
+
+    backend = ServerBackend(session_server.url, model=str(bundled_model), concurrency=2)
+    assert backend.knobs(make_policy("full")) == {"name": "streaming", "start_size": 0,
+                                                  "recent_size": 4096}  # --max-model-len
+    session = backend.new_session(make_policy("full"))
+    fed = 0
+    for i in range(3):
+        text = "I like green tea and long walks by the river. " * 12  # > the server's 100
+        fed += len(session.r.encode(session.r.message_text("user", text, i == 0)))
+        session.feed("user", text)
+    got = backend.session_info(session.id)
+    assert got["retained_tokens"] == fed > 300 and got["evicted_tokens"] == 0
+    session.close()
+    r = requests.get(f"{session_server.url}/v1/sessions/{session.id}",
+                     headers={"Authorization": "Bearer unused"}, timeout=60)
+    assert r.status_code == 404
