@@ -86,3 +86,19 @@ def test_vllm_serve_stops_on_a_bad_value(bundled_model, argv, needle):
     out = _vllm("serve", str(bundled_model), *argv)
     assert out.returncode != 0
     assert needle in out.stderr, out.stderr[-2000:]
+
+
+def test_session_servers_reserve_the_cores_stock_vllm_reserves():
+    """vLLM reserves an extra CPU core for any KV connector; on 2 cores that
+    turns into no reservation and half-speed batched decode (vllm_adapter)."""
+    from sir_vllm import vllm_adapter
+
+    env = {}
+    assert vllm_adapter.keep_stock_cpu_reservation(parse("--kv-policy", "sirllm"), env) == "1"
+    assert env == {vllm_adapter.CPU_RESERVED_ENV: "1"}
+    args = parse("--kv-policy", "sirllm")
+    args.tensor_parallel_size = 2
+    assert vllm_adapter.keep_stock_cpu_reservation(args, {}) == "2"
+    chosen = {vllm_adapter.CPU_RESERVED_ENV: "0"}  # the user's own choice wins
+    assert vllm_adapter.keep_stock_cpu_reservation(args, chosen) is None
+    assert chosen == {vllm_adapter.CPU_RESERVED_ENV: "0"}

@@ -62,6 +62,14 @@ def test_retained_count_is_in_a_header(session_client):
     assert int(raw.headers["x-session-retained-tokens"]) == body["session"]["retained_tokens"]
 
 
+def test_engine_keeps_stock_vllms_core_reservation(session_server):
+    """The KV connector must not change the CPU engine's OpenMP binding
+    (vllm_adapter.keep_stock_cpu_reservation): one core for the EngineCore loop."""
+    log = session_server.log_path.read_text(errors="replace")
+    assert "reserve_cpu_num=1" in log
+    assert "should be greater than reserved CPU core" not in log
+
+
 def test_requests_without_a_session_are_stock(session_client):
     kwargs = dict(model=SERVED_NAME, prompt="The capital of France is", temperature=0.0,
                   max_tokens=8, logprobs=0)

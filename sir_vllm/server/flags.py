@@ -9,6 +9,7 @@ A policy other than `none` becomes this package's KV connector
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sir_vllm.policy import SCORE_VARIANTS, make_policy
@@ -127,6 +128,7 @@ def apply_kv_policy_args(args) -> None:
     from sir_vllm import vllm_adapter
 
     args.kv_transfer_config = vllm_adapter.kv_transfer_config(kv_transfer_config(policy))
+    vllm_adapter.keep_stock_cpu_reservation(args, os.environ)  # inherited by the engine processes
     if hasattr(args, "middleware"):
         args.middleware = [*(args.middleware or []), MIDDLEWARE]
     from sir_vllm.server import settings
