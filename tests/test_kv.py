@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from sir_vllm import vllm_adapter
+
 from sir_vllm.kv import (
     CpuVecLayout, GpuFlashLayout, RopeSpec, copy_kept_tokens, layout_for, rotate_keys,
 )
-from sir_vllm.kv.cpu_layout import vllm_cpu_isa
 
 BASE = 10000.0
 
@@ -173,7 +174,7 @@ def test_cpu_write_leaves_other_slots(cpu_ops):
     NB, H, BS, D = 2, 2, 32, 64
     kv = torch.zeros(NB, H, BS, 2 * D)
     layout = layout_for(kv)  # CPU tensor -> CPU_ATTN, ISA asked from vLLM
-    assert isinstance(layout, CpuVecLayout) and vllm_cpu_isa(torch.float32, BS, D) in ("vec", "vec16", "amx")
+    assert isinstance(layout, CpuVecLayout) and vllm_adapter.cpu_attn_isa(torch.float32, BS, D) in ("vec", "vec16", "amx")
     first, second = torch.tensor([3, 40]), torch.tensor([4, 39])
     k1, v1 = random_kv((2, H, D), torch.float32, 8), random_kv((2, H, D), torch.float32, 9)
     k2, v2 = random_kv((2, H, D), torch.float32, 10), random_kv((2, H, D), torch.float32, 11)

@@ -17,15 +17,6 @@ from sir_vllm import vllm_adapter
 from sir_vllm.kv.layout import KVLayout, check_layer, split_slots
 
 
-def vllm_cpu_isa(dtype: torch.dtype, block_size: int, head_dim: int) -> str:
-    return vllm_adapter.cpu_attn_isa(dtype, block_size, head_dim)
-
-
-def vllm_cpu_pack(kv_layer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  isa: str) -> None:
-    vllm_adapter.cpu_attn_pack(kv_layer, slots, k, v, isa)
-
-
 # --- reading through a view, proven against the op ---------------------------
 
 def page_views(kv_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +42,7 @@ def prove_view(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> 
     slots = torch.randperm(2 * block_size, generator=gen)
     k = torch.randn(2 * block_size, 2, head_dim, generator=gen).to(dtype)
     v = torch.randn(2 * block_size, 2, head_dim, generator=gen).to(dtype)
-    vllm_cpu_pack(probe, slots, k, v, isa)
+    vllm_adapter.cpu_attn_pack(probe, slots, k, v, isa)
     got_k, got_v = read_pages(probe, slots)
     if not (torch.equal(got_k, k) and torch.equal(got_v, v)):
         raise NotImplementedError(f"vLLM's CPU KV pages for ISA {isa!r} ({dtype}, block {block_size}, "
@@ -69,7 +60,7 @@ class CpuVecLayout(KVLayout):
         _, _, block_size, head_dim = check_layer(kv_layer)
         key = (kv_layer.dtype, block_size, head_dim)
         if key not in self._proven:
-            isa = self.isa or vllm_cpu_isa(*key)
+            isa = self.isa or vllm_adapter.cpu_attn_isa(*key)
             prove_view(isa, *key)
             self._proven[key] = isa
         return self._proven[key]
@@ -81,4 +72,4 @@ class CpuVecLayout(KVLayout):
     def write(self, kv_layer, slots, k, v):
         isa = self.isa_for(kv_layer)
         k, v = (x.to(kv_layer.dtype).contiguous() for x in (k, v))
-        vllm_cpu_pack(kv_layer, slots.to(torch.long).contiguous(), k, v, isa)
+        vllm_adapter.cpu_attn_pack(kv_layer, slots.to(torch.long).contiguous(), k, v, isa)
