@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
@@ -51,11 +52,22 @@ def run_choice_episodes(backend, policy: Policy, episodes: list[Episode], mode: 
     return [row for rows in results for row in rows]
 
 
+@contextmanager
+def _session(backend, policy: Policy):
+    """A backend session, closed afterwards where the backend has something to
+    free (a server session is deleted; an oracle session is just dropped)."""
+    session = backend.new_session(policy)
+    try:
+        yield session
+    finally:
+        if hasattr(session, "close"):
+            session.close()
+
+
 def _run_episode(backend, policy: Policy, episode: Episode, mode: str, bar,
                  stop: threading.Event) -> list[dict]:
     rows = []
-    session = backend.new_session(policy)
-    try:
+    with _session(backend, policy) as session:
         key = None
         for turn in episode.turns:
             if stop.is_set():
@@ -73,9 +85,6 @@ def _run_episode(backend, policy: Policy, episode: Episode, mode: str, bar,
                 row["scores"] = [round(v, 6) for v in choice.scores]
             rows.append(row)
             bar.update(1)
-    finally:
-        if hasattr(session, "close"):
-            session.close()
     return rows
 
 
@@ -125,12 +134,8 @@ def run_stream_ppl(backend, policy: Policy, dialogues: list[list[str]], max_toke
     prediction sits at the previous message's last position, whose row a
     server session does not return (that position's KV is loaded, not
     recomputed); every other token of every message is."""
-    session = backend.new_session(policy)
-    try:
+    with _session(backend, policy) as session:
         return _stream(session, dialogues, max_tokens)
-    finally:
-        if hasattr(session, "close"):
-            session.close()
 
 
 def _stream(session, dialogues: list[list[str]], max_tokens: int) -> dict:
