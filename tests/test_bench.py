@@ -18,7 +18,7 @@ from sir_vllm.bench.client import RESEND, SESSION, Conversation, TurnRecord, par
 from sir_vllm.bench.metrics import (by_turn, first_failure, first_short_answer,
                                     is_context_length_error, late_window, memory_report, ratios,
                                     summarize)
-from sir_vllm.bench.report import LATENCY_PLOT, THROUGHPUT_PLOT
+from sir_vllm.bench.report import LATENCY_PLOT, THROUGHPUT_PLOT, split_at_failure
 from sir_vllm.bench.runner import (Budget, parse_budget, parse_policies, parse_sessions,
                                    parse_urls, server_args)
 from sir_vllm.bench.workload import build_workload, dialogue_turns, synthetic_turns
@@ -196,6 +196,16 @@ def test_summary_figures():
     assert [r["kv_tokens_mean"] for r in rows[:3]] == [13, 26, 39]
     sir = summarize(_session_records(), 2.0, "sirllm", 2, 8)
     assert sir["kv_tokens_per_session"] == 40 == sir["budget"] and sir["evicting_turns"] == 2
+
+
+def test_latency_curve_stops_at_the_first_failure():
+    rows = by_turn(_stock_records())
+    f = first_failure(_stock_records())
+    curve, after = split_at_failure(rows, f)
+    assert [r["turn"] for r in curve] == [1, 2, 3] and [r["turn"] for r in after] == [4]
+    assert split_at_failure(rows, None) == (rows, [])
+    # failing from the first turn on: the rows are the curve, nothing drawn apart
+    assert split_at_failure(rows, {"turn": 1}) == (rows, [])
 
 
 def test_late_window_and_ratios():

@@ -202,6 +202,20 @@ def _rolling_median(ys: list[float], width: int) -> list[float]:
     return [float(np.median(ys[max(0, i - half): i + half + 1])) for i in range(len(ys))]
 
 
+def split_at_failure(rows: list[dict], failure: dict | None) -> tuple[list[dict], list[dict]]:
+    """Per-turn rows before a policy's first failed turn, and from it on.
+
+    After the first failure fewer sessions share the engine and the survivors'
+    answers are cut short by the context limit, so those latencies are not
+    comparable with the curve's: the plot draws them apart (faint crosses).
+    """
+    if not failure:
+        return rows, []
+    before = [r for r in rows if r["turn"] < failure["turn"]]
+    after = [r for r in rows if r["turn"] >= failure["turn"]]
+    return (before, after) if before else (after, [])
+
+
 def plot_latency_vs_turn(results: dict, path: Path) -> Path:
     import matplotlib
 
@@ -214,6 +228,8 @@ def plot_latency_vs_turn(results: dict, path: Path) -> Path:
         rows = [r for r in pol.get("by_turn", []) if r["latency_mean_ms"] is not None]
         if not rows:
             continue
+        f = pol.get("failure")
+        rows, after = split_at_failure(rows, f)
         xs = [r["turn"] for r in rows]
         ys = [r["latency_mean_ms"] for r in rows]
         if len(xs) < 60:
@@ -223,7 +239,10 @@ def plot_latency_vs_turn(results: dict, path: Path) -> Path:
                              label=f"{name} (rolling median)")
             ax1.plot(xs, ys, color=line.get_color(), alpha=0.25, linewidth=0.7)
         ax2.plot(xs, [r["kv_tokens_mean"] for r in rows], label=name, color=line.get_color())
-        f = pol.get("failure")
+        if after:
+            ax1.plot([r["turn"] for r in after], [r["latency_mean_ms"] for r in after], "x",
+                     color=line.get_color(), alpha=0.4,
+                     label=f"{name} after its first failure (fewer sessions)")
         if f:
             ax1.axvline(f["turn"], color=line.get_color(), linestyle=":", alpha=0.7)
             ax1.annotate(f"{name} fails", (f["turn"], ax1.get_ylim()[1]), fontsize=8,
