@@ -53,6 +53,24 @@ def test_a_contradicting_history_is_refused(messages, needle):
         new_messages(history, messages)
 
 
+def test_a_chat_turns_default_answer_length():
+    """budget // 4 (cap 256); a later turn leaves room for the sinks and its
+    new tokens; a first turn is not bounded by the budget (sessions/turn.py)."""
+    from types import SimpleNamespace
+
+    from sir_vllm.policy import make_policy
+    from sir_vllm.server.middleware import SessionMiddleware
+
+    pol = make_policy("sirllm", start_size=4, entropy_size=96, recent_size=0)
+    default = SessionMiddleware._chat_default_max_tokens
+    assert default(SimpleNamespace(policy=pol, turns=0), 500) == 25
+    assert default(SimpleNamespace(policy=pol, turns=3), 10) == 25
+    assert default(SimpleNamespace(policy=pol, turns=3), 80) == 16
+    assert default(SimpleNamespace(policy=pol, turns=3), 200) == 1
+    big = make_policy("sirllm", start_size=4, entropy_size=4092, recent_size=0)
+    assert default(SimpleNamespace(policy=big, turns=0), 10) == 256
+
+
 def test_message_shapes():
     assert normalize_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                              {"type": "text", "text": "b"}]}]) == [u("a\nb")]

@@ -396,11 +396,14 @@ class SessionMiddleware:
 
     @staticmethod
     def _chat_default_max_tokens(session, num_new: int) -> int:
-        """budget // 4 (at most CHAT_MAX_TOKENS_CAP), or less when the turn leaves less room."""
+        """budget // 4 (at most CHAT_MAX_TOKENS_CAP), or less when a later turn
+        leaves less room (a first turn is not bounded by the budget: turn.py)."""
         policy = session.policy
         budget = policy.cache_size
-        room = budget - num_new if session.turns == 0 else budget - policy.start_size - num_new
-        return max(1, min(CHAT_MAX_TOKENS_CAP, max(1, budget // 4), room))
+        cap = min(CHAT_MAX_TOKENS_CAP, max(1, budget // 4))
+        if session.turns == 0:
+            return cap
+        return max(1, min(cap, budget - policy.start_size - num_new))
 
     async def _chat_turn(self, scope, receive, data: dict, session):
         try:

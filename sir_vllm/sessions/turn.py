@@ -11,6 +11,9 @@ keeps exactly the prompt and no pending token. `reserve` plans the eviction as
 if that many tokens came this turn (a choice task reserves the context plus its
 longest candidate for every candidate's peek and for the committing prefill,
 so all of them see the same keep set).
+
+The budget binds from the second turn on: the first turn of a session may be
+longer than the budget, as in the reference code (nothing to evict yet).
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ def plan_turn(session: Session, new_ids: list[int], max_tokens: int,
         num_coming, what = reserve, f"turn reserving {reserve} tokens (session_reserve_tokens)"
     budget = policy.cache_size
     scores = SessionScores(session.scores.scores.copy(), session.scores.turns)
-    if budget is not None and session.turns == 0 and num_coming > budget:
-        raise TurnError(f"{what} exceeds the session budget of {budget} tokens")
+    # A first turn is never refused for its size: nothing is cached yet, so
+    # there is nothing to evict (the reference code's rule, the oracle's too);
+    # the session comes back under the budget at its next turn's eviction.
+    # Only the model's context limit bounds it (vLLM's own 400).
     try:
         keep = scores.before_turn(policy, num_coming)
     except ValueError as e:
