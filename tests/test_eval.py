@@ -157,3 +157,22 @@ def test_bad_flags_are_refused(bundled_model, capsys):
     assert main(["eval", "grocery", "--model", str(bundled_model), "--policy", "sirllm",
                  "--decay", "1.5"]) == 2
     assert "decay" in capsys.readouterr().err
+
+
+def test_lockstep_names_the_tokens_a_near_tie_swaps():
+    """Two sides whose scores differ in the last digits at the top-K boundary
+    keep different tokens; split_point lists exactly those, with both scores."""
+    import numpy as np
+
+    from sir_vllm.eval.lockstep import split_point
+    from sir_vllm.policy import make_policy
+
+    pol = make_policy("sirllm", start_size=1, entropy_size=3, recent_size=0)
+    ids = [10, 11, 12, 13, 14, 15]
+    oracle = np.array([0.0, 5.0, 1.0000002, 0.2, 1.0000001, 0.5])
+    server = np.array([0.0, 5.0, 1.0000001, 0.2, 1.0000002, 0.5])
+    swapped = split_point(ids, pol, 1, oracle, server)  # the sink + the top 2 scores
+    assert [(s["position"], s["token"], s["kept_by"]) for s in swapped] == [
+        (2, 12, "oracle"), (4, 14, "server")]
+    assert swapped[0]["oracle_score"] == pytest.approx(1.0000002)
+    assert split_point(ids, pol, 1, oracle, oracle) == []
