@@ -155,6 +155,14 @@ def load_dialogue_stream(path: Path) -> list[list[str]]:
     return dialogues
 
 
+def stream_messages(dialogues: list[list[str]]):
+    """(role, text) of every utterance, dialogue after dialogue, as one
+    conversation: a dialogue's utterances alternate user and assistant."""
+    for dialogue in dialogues:
+        for i, text in enumerate(dialogue):
+            yield ("user" if i % 2 == 0 else "assistant"), text
+
+
 def default_file(task: str, data_dir: Path) -> Path:
     data_dir = Path(data_dir)
     return {

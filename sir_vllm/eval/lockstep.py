@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+from itertools import islice
 
 import numpy as np
 
@@ -23,16 +23,6 @@ from ..cli.policy_args import add_policy_args, policy_from_args
 from . import data
 from .backends import ReferenceBackend
 from .server_backend import ServerBackend
-
-
-def _messages(path, limit_turns: int):
-    n = 0
-    for dialogue in data.load_dialogue_stream(path):
-        for i, text in enumerate(dialogue):
-            yield ("user" if i % 2 == 0 else "assistant"), text
-            n += 1
-            if n >= limit_turns:
-                return
 
 
 def _server_state(backend: ServerBackend, session) -> tuple[list[int], np.ndarray]:
@@ -64,14 +54,14 @@ def main(argv=None) -> int:
     add_policy_args(ap)
     args = ap.parse_args(argv)
     policy = policy_from_args(args)  # stream-ppl: budget 1024, decay 1
-    path = data.default_file("stream-ppl", Path(args.data_dir) if args.data_dir
-                             else data.default_data_dir())
+    path = data.default_file("stream-ppl", args.data_dir or data.default_data_dir())
     ref_b, srv_b = ReferenceBackend(args.model), ServerBackend(args.url, model=args.model)
     ref, srv = ref_b.new_session(policy), srv_b.new_session(policy)
     prev = None  # (ids, oracle scores, server scores) after the previous turn
     worst = 0.0
     try:
-        for turn, (role, text) in enumerate(_messages(path, args.turns)):
+        messages = data.stream_messages(data.load_dialogue_stream(path))
+        for turn, (role, text) in enumerate(islice(messages, args.turns)):
             num_coming = len(ref.r.encode(ref.r.message_text(role, text, ref.first_message)))
             ref.feed(role, text)
             srv.feed(role, text)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..policy import Policy
 from . import scoring
-from .data import Episode
+from .data import Episode, stream_messages
 
 
 def _bar(total: int, desc: str):
@@ -142,16 +142,13 @@ def _stream(session, dialogues: list[list[str]], max_tokens: int) -> dict:
     total_nll, count, turns = 0.0, 0, 0
     with tqdm(total=max_tokens, desc="stream-ppl", unit="tok", dynamic_ncols=True,
               mininterval=2.0) as bar:
-        for dialogue in dialogues:
-            for i, utterance in enumerate(dialogue):
-                logprobs = session.feed("user" if i % 2 == 0 else "assistant", utterance)
-                scored = [lp for lp in logprobs[1:] if not math.isnan(lp)]
-                total_nll -= sum(scored)
-                count += len(scored)
-                turns += 1
-                bar.update(len(scored))
-                if count >= max_tokens:
-                    break
+        for role, utterance in stream_messages(dialogues):
+            logprobs = session.feed(role, utterance)
+            scored = [lp for lp in logprobs[1:] if not math.isnan(lp)]
+            total_nll -= sum(scored)
+            count += len(scored)
+            turns += 1
+            bar.update(len(scored))
             if count >= max_tokens:
                 break
     return {"ppl": math.exp(total_nll / count), "nll": total_nll / count,
