@@ -36,3 +36,68 @@ def test_child_dies_when_its_starter_is_killed():
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def _starter_of(child_code: str, grace: float) -> tuple[subprocess.Popen, int]:
+    """A process that starts `child_code` through `popen_guarded`; returns it and the child's pid.
+
+    The child prints "ready" once its signal set-up is done; the starter then
+    reports the child's pid, so the caller kills the starter at a known point.
+    """
+    starter = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time\n"
+         "from sir_vllm.server.process import popen_guarded\n"
+         f"p, g = popen_guarded([sys.executable, '-c', {child_code!r}], grace={grace},"
+         " stdout=subprocess.PIPE, text=True)\n"
+         "assert p.stdout.readline().strip() == 'ready'\n"
+         "print(p.pid, flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    return starter, int(starter.stdout.readline())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+# A server still starting up: the one PDEATHSIG SIGTERM arrives while it is
+# not yet handled, and is lost.
+DEAF_FOR_5S = ("import signal, time\n"
+               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+               "print('ready', flush=True)\n"
+               "time.sleep(5)\n"
+               "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+               "time.sleep(600)\n")
+
+
+def test_a_child_that_lost_the_parent_death_signal_is_still_stopped():
+    starter, child = _starter_of(DEAF_FOR_5S, grace=30)
+    starter.kill()
+    starter.wait()
+    time.sleep(1.0)
+    assert _alive(child)  # the PDEATHSIG SIGTERM alone did not stop it
+    assert _gone_within(child, 15)  # the guard's repeated SIGTERM did
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period():
+    starter, child = _starter_of(
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n", grace=2)
+    starter.kill()
+    starter.wait()
+    assert _gone_within(child, 10)
+
+
+def test_the_guard_leaves_by_itself_once_the_group_is_stopped():
+    from sir_vllm.server.process import popen_guarded
+
+    proc, guard = popen_guarded(["sleep", "600"])
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait()
+    assert guard.wait(timeout=10) == 0

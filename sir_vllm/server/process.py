@@ -38,6 +38,23 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
+def popen_guarded(command: list[str], grace: float = 30.0, **kwargs) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Start `command` in its own process group, with an orphan guard beside it.
+
+    Returns (process, guard). The guard (`orphan_guard`) stops the group if
+    this process dies without stopping it, even where the PDEATHSIG signal
+    was lost during a slow start-up.
+    """
+    proc = subprocess.Popen(command, preexec_fn=die_with_parent, **kwargs)
+    guard = subprocess.Popen(
+        [sys.executable, "-m", "sir_vllm.server.orphan_guard",
+         str(os.getpid()), str(proc.pid), str(grace)],
+        start_new_session=True,  # a Ctrl-C to our group must not take it down too
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+    return proc, guard
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +79,7 @@ class ServerProcess:
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    guard: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -81,9 +99,9 @@ class ServerProcess:
         if self.log_path is None:
             self.log_path = Path(f"/tmp/sir-vllm-server-{self.port}.log")
         log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
+        self.proc, self.guard = popen_guarded(
             self.command(), stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env}, preexec_fn=die_with_parent,
+            env={**os.environ, **self.env},
         )
         self.wait_ready(timeout)
         return self
@@ -112,15 +130,17 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the whole process group (API server, EngineCore, workers)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            pgid = os.getpgid(self.proc.pid)
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait()
+        if self.guard is not None and self.guard.poll() is None:
+            self.guard.kill()  # the group is gone (or going): nothing left to guard
+            self.guard.wait()
 
     def __enter__(self) -> "ServerProcess":
         return self.start() if self.proc is None else self
