@@ -7,6 +7,7 @@ import datetime
 import time
 from pathlib import Path
 
+from .backend_args import add_backend_args
 from .policy_args import add_policy_args, policy_from_args
 
 # The paper's settings per task: budget (start + entropy + recent) and decay.
@@ -34,19 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--backend", choices=["reference", "server"], default="reference",
-                   help="reference: the PyTorch oracle in this process; server: a running "
-                        "`vllm serve --kv-policy sirllm|streaming` (--url), one session per "
-                        "dialogue, the policy sent with every request")
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder (sir-vllm model prepare); server backend: the "
-                        "tokenizer (default: the served model's path)")
-    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=None, help="server API key (sessions belong to it)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model name on the server (default: its first model)")
+    add_backend_args(p)
     p.add_argument("--concurrency", type=int, default=8,
-                   help="server backend: sessions (dialogues, RPS players) in flight at once")
+                   help="server backend: sessions (dialogues, RPS players) in flight at once, "
+                        "one session per dialogue")
     add_policy_args(p)
     p.add_argument("--scoring", choices=SCORING_MODES, default="text",
                    help="letter: log-prob of the choice letter (the paper); text: length-"

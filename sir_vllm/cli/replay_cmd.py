@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .backend_args import add_backend_args
 from .policy_args import add_policy_args, policy_from_args
 
 
@@ -24,12 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "keeps after the turn)."),
     )
     p.add_argument("transcript", type=Path)
-    p.add_argument("--backend", choices=["reference", "server"], default="reference")
-    p.add_argument("--model", help="checkpoint folder (reference backend; tokenizer for both)")
-    p.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (server backend)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model name on the server (default: the server's only model)")
-    p.add_argument("--api-key", default="unused", help="server API key")
+    add_backend_args(p)
     add_policy_args(p)
     p.add_argument("--max-tokens", type=int, default=64, help="answer cap per turn")
     p.set_defaults(run=run)
