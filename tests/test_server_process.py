@@ -18,6 +18,13 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
 def test_child_dies_when_its_starter_is_killed():
     starter = subprocess.Popen(
         [sys.executable, "-c",
@@ -32,10 +39,7 @@ def test_child_dies_when_its_starter_is_killed():
     assert os.getpgid(child) == child  # its own process group, as `stop` expects
     starter.send_signal(signal.SIGKILL)  # no cleanup code runs in the starter
     starter.wait()
-    deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(child)
+    assert _gone_within(child, 10)
 
 
 def _starter_of(child_code: str, grace: float) -> tuple[subprocess.Popen, int]:
@@ -55,13 +59,6 @@ def _starter_of(child_code: str, grace: float) -> tuple[subprocess.Popen, int]:
          "time.sleep(600)\n"],
         stdout=subprocess.PIPE, text=True)
     return starter, int(starter.stdout.readline())
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not _alive(pid)
 
 
 # A server still starting up: the one PDEATHSIG SIGTERM arrives while it is

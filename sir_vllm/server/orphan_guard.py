@@ -22,14 +22,13 @@ import sys
 import time
 
 POLL_SECONDS = 0.5
+DEFAULT_GRACE_SECONDS = 30.0
 
 
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the group's pids were reused by someone else's
+    except (ProcessLookupError, PermissionError):  # gone, or its pids now someone else's
         return False
     return True
 
@@ -63,7 +62,7 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
-    guard(int(argv[0]), int(argv[1]), float(argv[2]) if len(argv) == 3 else 30.0)
+    guard(int(argv[0]), int(argv[1]), float(argv[2]) if len(argv) == 3 else DEFAULT_GRACE_SECONDS)
     return 0
 
 

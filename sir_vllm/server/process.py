@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .orphan_guard import DEFAULT_GRACE_SECONDS
+
 # CPU defaults that fit this project's 2-core / 24 GiB machines: float32 (the
 # CPU kernels' reference precision) and a fixed KV pool, which also skips the
 # CPU worker's "fraction of node memory" check.
@@ -38,7 +40,7 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
-def popen_guarded(command: list[str], grace: float = 30.0, **kwargs) -> tuple[subprocess.Popen, subprocess.Popen]:
+def popen_guarded(command: list[str], grace: float = DEFAULT_GRACE_SECONDS, **kwargs) -> tuple[subprocess.Popen, subprocess.Popen]:
     """Start `command` in its own process group, with an orphan guard beside it.
 
     Returns (process, guard). The guard (`orphan_guard`) stops the group if
