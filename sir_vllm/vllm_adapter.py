@@ -62,6 +62,36 @@ def wrap_engine_cli(add_args: Callable, from_args: Callable) -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
 
 
+def has_option(parser, option: str) -> bool:
+    """Whether `parser` already has `option` (vLLM builds its parsers with
+    argparse, which keeps no public list of its options)."""
+    return any(option in action.option_strings for action in parser._actions)
+
+
+def add_middleware(args, import_path: str) -> bool:
+    """Append an ASGI middleware to `vllm serve`'s `--middleware` list (the
+    frontend loads each by import path); False where the parsed arguments have
+    none (an engine-only parser, e.g. `vllm bench`)."""
+    if not hasattr(args, "middleware"):
+        return False
+    if import_path not in (args.middleware or []):
+        args.middleware = [*(args.middleware or []), import_path]
+    return True
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`--chat-template` as `vllm serve` loads it (`renderers/chat_utils.py`):
+    a file path, a name from vLLM's built-in templates, or inline Jinja; None
+    for none. Raises ValueError with vLLM's reason for a path it cannot open."""
+    from vllm.exceptions import VLLMError
+    from vllm.renderers.chat_utils import load_chat_template as vllm_load
+
+    try:
+        return vllm_load(value)
+    except (VLLMError, OSError, TypeError) as e:
+        raise ValueError(str(e)) from None
+
+
 # --- the KV connector API (vllm/distributed/kv_transfer/kv_connector/v1) -----
 
 def connector_base():
@@ -70,6 +100,35 @@ def connector_base():
         KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)
 
     return KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+
+
+def connector_stats_api():
+    """(KVConnectorStats, KVConnectorPromMetrics, create_metric_per_engine): what a
+    connector's own metrics are built from (kv_connector/v1/metrics.py; the
+    engine-labelled children as vLLM's metrics make them, v1/metrics/utils.py)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (KVConnectorPromMetrics,
+                                                                       KVConnectorStats)
+    from vllm.v1.metrics.utils import create_metric_per_engine
+
+    return KVConnectorStats, KVConnectorPromMetrics, create_metric_per_engine
+
+
+def first_worker() -> bool:
+    """Whether this worker is its engine's first (tensor- and pipeline-parallel
+    rank 0); True where no parallel groups exist (one process, unit tests)."""
+    from vllm.distributed import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return True
+    return ps.get_tp_group().rank_in_group == 0 and ps.get_pp_group().rank_in_group == 0
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's tensor-parallel rank (0 where no parallel groups exist): the
+    compaction log line names it, since Ray's log prefix names the actor, not the rank."""
+    from vllm.distributed import parallel_state as ps
+
+    return ps.get_tp_group().rank_in_group if ps.model_parallel_is_initialized() else 0
 
 
 def block_size(vllm_config) -> int:
@@ -106,6 +165,25 @@ def request_id(request) -> str:
 def tokens_to_hold(request) -> int:
     """Prompt + max_tokens: the sequence length the request may grow to."""
     return int(request.num_prompt_tokens) + int(request.max_tokens or 0)
+
+
+def kv_bytes_per_token(vllm_config) -> int:
+    """Bytes one cached token takes in the whole engine: K and V (2) x
+    attention layers x KV heads x head size x the KV cache dtype's size.
+
+    The cache dtype is `--kv-cache-dtype` (`cache_config.cache_dtype`; "auto"
+    is the model's dtype, fp8 variants 1 byte), resolved by vLLM's own table.
+    KV heads count the replicas tensor parallelism makes when a model has fewer
+    KV heads than ranks. For dense-attention models (the Llama family sir-vllm
+    serves); packed 4-bit cache formats count 1 byte per element.
+    """
+    from vllm.utils.torch_utils import get_dtype_size, kv_cache_dtype_str_to_dtype
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    heads = model.get_num_kv_heads(parallel) * parallel.tensor_parallel_size
+    layers = model.get_total_num_hidden_layers()
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
+    return 2 * layers * heads * model.get_head_size() * get_dtype_size(dtype)
 
 
 def scheduler_limits(vllm_config) -> tuple[int | None, float]:
@@ -233,3 +311,144 @@ def rope_spec(vllm_config):
 def attention_backend_name(vllm_config) -> str | None:
     """None lets `layout_for` decide by device (the CPU build is always CPU_ATTN)."""
     return None
+
+
+# --- the engine utility channel (vllm/v1/engine/core.py, core_client.py) -----
+
+def install_engine_utility(name: str, handler: Callable) -> None:
+    """Make `EngineCore.<name>(*args)` call `handler(*args)` in this process.
+
+    vLLM's clients reach EngineCore methods by name (`call_utility_async`,
+    dispatched with `getattr(engine_core, method_name)` between steps, on the
+    engine's own thread), so the connector's scheduler role, which lives in
+    the EngineCore process, can answer the API process without a request.
+    """
+    from vllm.v1.engine.core import EngineCore
+
+    def utility(self, command, argument=None):  # explicit: vLLM matches args to the signature
+        return handler(command, argument)
+
+    utility.__name__ = name
+    setattr(EngineCore, name, utility)
+
+
+async def call_engine_utility(engine_client, name: str, *args):
+    """Call the EngineCore method `name` from the API process (AsyncLLM)."""
+    return await engine_client.engine_core.call_utility_async(name, *args)
+
+
+# --- the API server's app state (vllm/entrypoints/launchers/api_server) ------
+
+def app_state(scope):
+    """The FastAPI app state of the API server a request reached (Starlette puts
+    the app in the ASGI scope): `engine_client`, `vllm_config`, `args`."""
+    app = scope.get("app")
+    return getattr(app, "state", None)
+
+
+def engine_client_of(scope):
+    state = app_state(scope)
+    return getattr(state, "engine_client", None)
+
+
+def vllm_config_of(scope):
+    state = app_state(scope)
+    return getattr(state, "vllm_config", None)
+
+
+def served_model_name(vllm_config) -> str | None:
+    """The `model_name` label vLLM's own metrics carry (the first served name, else the model)."""
+    return getattr(getattr(vllm_config, "model_config", None), "served_model_name", None)
+
+
+def api_tokens(args) -> list[str]:
+    """The API keys vLLM's own server enforces (`--api-key`, else VLLM_API_KEY)."""
+    from vllm import envs
+
+    return [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+
+
+def authenticated(app, tokens: list[str]):
+    """`app` behind vLLM's own API-key check (the same 401, the same guarded paths)."""
+    if not tokens:
+        return app
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    return AuthenticationMiddleware(app, tokens=tokens)
+
+
+def pool_tokens(vllm_config) -> int | None:
+    """Tokens the KV pool holds (known in the API process once the engine is up)."""
+    cache = getattr(vllm_config, "cache_config", None)
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return None if not blocks else int(blocks) * int(cache.block_size)
+
+
+# --- `vllm serve` inside a Ray Serve replica (sir_vllm/ray) ------------------
+# The same parser, engine start and app build `vllm serve` runs
+# (vllm/entrypoints/cli/serve.py, launchers/api_server/entry.py), minus uvicorn:
+# Ray Serve's proxy is the HTTP server.
+
+def serve_arg_parser(prog: str):
+    """`vllm serve`'s own argument parser (our plugin adds the SirLLM group to it)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog=prog))
+
+
+def parse_serve_args(argv: list[str], prog: str = "vllm serve"):
+    """`vllm serve MODEL [flags]` parsed and checked as `vllm serve` does; exits 2 like
+    argparse on a bad flag."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    args = serve_arg_parser(prog).parse_args(argv)
+    if getattr(args, "model_tag", None) is not None:  # as ServeSubcommand.cmd does
+        args.model = args.model_tag
+    validate_parsed_serve_args(args)
+    return args
+
+
+def serve_process_setup() -> None:
+    """What every `vllm serve` process does first: the multiprocessing method
+    (spawn) and the general plugins (ours wraps `EngineArgs.from_cli_args`)."""
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.plugins import load_general_plugins
+
+    cli_env_setup()
+    load_general_plugins()
+
+
+def serve_engine_client(args):
+    """The engine `vllm serve` starts for these arguments (an async context manager:
+    AsyncLLM with its EngineCore process; `AsyncEngineArgs.from_cli_args` on the way)."""
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+    return build_async_engine_client(args)
+
+
+async def build_serve_app(engine_client, args):
+    """vLLM's own FastAPI app on a running engine, state initialised as
+    `vllm serve` initialises it (`--middleware` applied: our session layer)."""
+    import types
+
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    supported_tasks = await engine_client.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine_client.model_config)
+    await init_app_state(engine_client, app.state, args, supported_tasks)
+    # vLLM's engine-dead handler flips `state.server.should_exit` (uvicorn's flag);
+    # without uvicorn it needs something to set it on, or its AttributeError
+    # replaces the engine's error. Serve's health check restarts the replica.
+    app.state.server = types.SimpleNamespace()
+    return app
+
+
+def platform_runs_ray_workers() -> bool:
+    """Whether this vLLM build's platform can place engine workers with Ray
+    (`--distributed-executor-backend ray`, `--data-parallel-backend ray`): the CPU
+    platform has no Ray device key, and vLLM's Ray executor refuses it."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.ray_device_key)

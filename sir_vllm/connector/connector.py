@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sir_vllm import vllm_adapter
+from sir_vllm.connector.metrics import SirConnectorPromMetrics, SirConnectorStats
 from sir_vllm.connector.scheduler import SessionScheduler
 from sir_vllm.connector.worker import SessionWorker
 
@@ -53,3 +54,15 @@ class SirKVConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids: list[int]):
         return self._scheduler.request_finished(request, block_ids)
+
+    # ---- metrics (both roles; vLLM merges them per step: connector/metrics.py) ----
+    def get_kv_connector_stats(self):
+        return (self._scheduler or self._worker).take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return SirConnectorStats(data=data) if data is not None else SirConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return SirConnectorPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

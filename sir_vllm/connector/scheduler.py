@@ -1,10 +1,14 @@
 """Scheduler role (EngineCore process): pin each session's last turn, plan the next load.
 
-A finished session turn keeps its blocks (ref count +1, `block_pool.touch`).
-The session's next request reports the kept tokens as externally matched and
-the worker copies them, re-rotated, into the request's first slots. The old
-pins are released when that next turn finishes and pins its own blocks. A
-peek (`"peek": true`) loads the same way and changes no pin when it finishes.
+A finished session turn keeps its blocks (ref count +1, `block_pool.touch`),
+tagged with the turn's id. The session's next request names that id
+(`TurnParams.expect`); if the pins carry it, the kept tokens are reported as
+externally matched and the worker copies them, re-rotated, into the request's
+first slots. The old pins are released when that next turn finishes and pins
+its own blocks. A peek loads the same way and changes no pin when it finishes.
+A turn that starts where the pinned one started (a regenerated answer: the
+session rolled back one turn) takes the prompt prefix the two share from the
+pins as they are, so it sees exactly the KV the first attempt saw.
 
 Pins of idle sessions hold pool blocks. When a request arrives that the free
 blocks cannot hold (`get_num_new_matched_tokens`, called for every request the
@@ -12,37 +16,50 @@ scheduler tries to admit, session or not), the least recently used *idle*
 sessions (no request of theirs in the engine) lose their pins until it fits,
 each with a log line. A dropped session's next turn finds no pins: its kept
 tokens are recomputed from their token ids (the prompt always carries them),
-and the reply says how many (`RECOMPUTED_KEY`). Never another session's KV:
-pins are keyed by the session's own key and blocks are salted per session.
+and the reply says how many (`TurnReply.recomputed`). Never another session's
+KV: pins are keyed by the session's own key and tagged by turn, and blocks are
+salted per session.
+
+The API process reaches this role without a request through the engine
+utility (`handle_query`): dropping a deleted or expired session's pins costs
+no forward pass. Pins dropped for pool pressure and kept tokens recomputed go
+to vLLM's KV-connector stats (`take_stats`, `connector.metrics`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 
 from sir_vllm import vllm_adapter
 from sir_vllm.connector.metadata import LoadJob, SirConnectorMetadata
-from sir_vllm.connector.protocol import (DROP_KEY, PARAMS_KEY, PEEK_KEY, RECOMPUTED_KEY, REPLY_KEY,
-                                         keep_list)
+from sir_vllm.connector.metrics import SirConnectorStats
+from sir_vllm.connector.protocol import (ENGINE_UTILITY, EngineQuery, PoolStats, TurnParams,
+                                         TurnReply)
 
 logger = logging.getLogger("vllm.sir_vllm.connector")
+
+MAX_REPLIES = 4096  # replies kept for streaming turns to fetch (oldest forgotten first)
 
 
 @dataclass
 class Pinned:
     block_ids: list[int]
     token_ids: list[int]  # the tokens whose KV the blocks hold, position = index
+    turn: str  # the turn id that left these pins
+    origin: tuple | None = None  # (expect, old_len, keep) of the turn that left them
     last_used: float = field(default_factory=time.monotonic)  # LRU order among idle sessions
     name: str = ""  # the client's session id, for log lines
 
 
-@dataclass
-class PlannedLoad:
-    session: str
-    src_positions: list[int]  # old cache indices
-    start: int  # first new position to fill (local prefix hits cover the rest)
+def origin_of(p: TurnParams) -> tuple | None:
+    """What a turn started from: the state it expected pinned and its keep set.
+    Two turns with one origin share the KV of their common prompt prefix."""
+    if p.expect is None:
+        return None
+    return (p.load_key, p.expect, p.old_len, None if p.keep is None else tuple(p.keep))
 
 
 def slots(block_ids: list[int], positions, block_size: int) -> list[int]:
@@ -50,41 +67,62 @@ def slots(block_ids: list[int], positions, block_size: int) -> list[int]:
 
 
 class SessionScheduler:
-    def __init__(self, vllm_config):
+    def __init__(self, vllm_config, install_utility: bool = True):
         self.block_size = vllm_adapter.block_size(vllm_config)
         self.block_pool = None
         self.pinned: dict[str, Pinned] = {}
-        self.planned: dict[str, PlannedLoad] = {}
         self.jobs: list[LoadJob] = []
         self.active: dict[str, str] = {}  # request id -> session key, requests in the engine
         self.recomputed: dict[str, int] = {}  # request id -> kept tokens found unpinned
+        self.replies: OrderedDict[str, TurnReply] = OrderedDict()  # turn id -> reply
         self.dropped_total = 0
+        self.events = SirConnectorStats()  # this step's pins dropped and tokens recomputed
         self.max_model_len, self.watermark = vllm_adapter.scheduler_limits(vllm_config)
+        if install_utility:
+            vllm_adapter.install_engine_utility(ENGINE_UTILITY, self.handle_query)
 
     # -- helpers --------------------------------------------------------
     @staticmethod
-    def params(request) -> dict | None:
-        p = vllm_adapter.request_params(request)
-        return p.get(PARAMS_KEY) if isinstance(p, dict) else None
+    def params(request) -> TurnParams | None:
+        return TurnParams.from_kv_transfer_params(vllm_adapter.request_params(request))
 
-    def _usable_keep(self, request, p, quiet: bool = False) -> list[int] | None:
-        """The keep list if the pinned blocks hold exactly what the API expects."""
-        pin = self.pinned.get(p["id"])
-        if pin is None or len(pin.token_ids) != int(p["old_len"]):
+    def _sources(self, request, p: TurnParams, quiet: bool = False) -> list[int] | None:
+        """Positions in the pinned blocks whose KV the request's first tokens take
+        (token i from position sources[i]), or None when the pins cannot serve it.
+
+        Two ways: the pins hold the state the turn starts from (`expect`): its
+        kept tokens, re-rotated to their new places; or the pins were left by a
+        turn with the same origin (a regenerated answer rolls back one turn and
+        replays it): the prompt prefix the two share, in place (Δ = 0), exactly
+        the KV the first one computed."""
+        pin = self.pinned.get(p.load_key)
+        if pin is None or p.expect is None:
             return None
-        keep = keep_list(p)
         prompt = vllm_adapter.prompt_token_ids(request)
-        if len(keep) >= len(prompt) or [pin.token_ids[i] for i in keep] != prompt[: len(keep)]:
+        if pin.turn == p.expect and len(pin.token_ids) == p.old_len:
+            keep = p.keep_indices()
+            if len(keep) < len(prompt) and [pin.token_ids[i] for i in keep] == prompt[: len(keep)]:
+                return keep
             if not quiet:
                 logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
-                               "recomputing", p["id"])
+                               "recomputing", p.name or p.key)
             return None
-        return keep
+        if pin.origin is not None and pin.origin == origin_of(p):
+            limit = min(len(prompt) - 1, len(pin.token_ids))  # pitfall 4: one token to compute
+            shared = next((i for i in range(limit) if pin.token_ids[i] != prompt[i]), limit)
+            return list(range(shared)) if shared else None
+        return None
 
-    def _release(self, session: str) -> None:
+    def _release(self, session: str) -> bool:
         pin = self.pinned.pop(session, None)
         if pin is not None and self.block_pool is not None:
             vllm_adapter.unpin_blocks(self.block_pool, pin.block_ids)
+        return pin is not None
+
+    def _remember_reply(self, turn: str, reply: TurnReply) -> None:
+        self.replies[turn] = reply
+        while len(self.replies) > MAX_REPLIES:
+            self.replies.popitem(last=False)
 
     # -- LRU dropping of idle sessions' pins -----------------------------
     def _blocks_needed(self, request, num_computed_tokens: int) -> int:
@@ -106,7 +144,7 @@ class SessionScheduler:
         need = self._blocks_needed(request, num_computed_tokens)
         if free >= need:
             return
-        busy = set(self.active.values())
+        busy = {key for keys in self.active.values() for key in keys}
         idle = sorted((pin.last_used, key) for key, pin in self.pinned.items() if key not in busy)
         now = time.monotonic()
         for last_used, key in idle:
@@ -115,12 +153,46 @@ class SessionScheduler:
             blocks, name = len(self.pinned[key].block_ids), self.pinned[key].name
             self._release(key)
             self.dropped_total += 1
+            self.events.record_pins_dropped()
             logger.warning(
                 "sir-vllm: KV pool full (%d free blocks, request %s needs %d): dropped the pinned KV "
                 "of idle session %r (key %s, %d blocks, idle %.1fs, least recently used); its next "
-                "turn recomputes its kept tokens", free, vllm_adapter.request_id(request), need, name, key, blocks,
-                now - last_used)
+                "turn recomputes its kept tokens", free, vllm_adapter.request_id(request), need, name,
+                key, blocks, now - last_used)
             free = vllm_adapter.free_block_count(self.block_pool)
+
+    # -- the engine utility (API process -> EngineCore, no request) -------
+    def handle_query(self, command: str, argument=None):
+        if command == EngineQuery.DROP:
+            dropped = sum(self._release(str(key)) for key in argument or ())
+            return dropped
+        if command == EngineQuery.MOVE:
+            src, dst = (str(k) for k in argument)
+            pin = self.pinned.pop(src, None)
+            if pin is None:
+                return False
+            self._release(dst)
+            self.pinned[dst] = pin
+            return True
+        if command == EngineQuery.REPLY:
+            reply = self.replies.pop(str(argument), None)
+            return None if reply is None else asdict(reply)
+        if command == EngineQuery.STATS:
+            return asdict(self.stats())
+        raise ValueError(f"unknown sir-vllm engine query {command!r}")
+
+    def take_stats(self) -> SirConnectorStats | None:
+        """The events since the last call (vLLM asks after every step)."""
+        return self.events.take()
+
+    def stats(self) -> PoolStats:
+        pool = self.block_pool
+        return PoolStats(
+            pinned_sessions=len(self.pinned),
+            pinned_blocks=sum(len(p.block_ids) for p in self.pinned.values()),
+            free_blocks=None if pool is None else vllm_adapter.free_block_count(pool),
+            total_blocks=0 if pool is None else vllm_adapter.pool_size(pool),
+            dropped_total=self.dropped_total, block_size=self.block_size)
 
     # -- connector API --------------------------------------------------
     def on_new_request(self, request) -> None:
@@ -128,41 +200,40 @@ class SessionScheduler:
         if p is None:
             return
         vllm_adapter.allow_connector_hits(request)
-        if p.get(DROP_KEY):
-            self._release(p["id"])
-            return
-        self.active[vllm_adapter.request_id(request)] = p["id"]  # not idle: its pins are never dropped
-        pin = self.pinned.get(p["id"])
-        if pin is not None:
-            pin.last_used = time.monotonic()
+        # not idle: neither its own pins nor those it loads from are dropped
+        self.active[vllm_adapter.request_id(request)] = (p.key, p.load_key)
+        for key in (p.key, p.load_key):
+            pin = self.pinned.get(key)
+            if pin is not None:
+                pin.last_used = time.monotonic()
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         # The one side effect (pitfall 6 allows no other): free idle sessions'
         # pins when the pool cannot hold this request; repeating it is harmless.
         self._make_room(request, num_computed_tokens)
         p = self.params(request)
-        if p is None or p.get(DROP_KEY):
+        if p is None:
             return 0, False
-        keep = self._usable_keep(request, p)
-        if not keep:
+        sources = self._sources(request, p)
+        if not sources:
             return 0, False
-        return max(0, len(keep) - num_computed_tokens), False
+        return max(0, len(sources) - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         p = self.params(request)
-        if p is None or p.get(DROP_KEY):
+        if p is None:
             return
-        keep = self._usable_keep(request, p, quiet=True)
-        expected = len(keep_list(p))
-        self.recomputed[vllm_adapter.request_id(request)] = 0 if keep else expected
+        sources = self._sources(request, p, quiet=True) or []
+        kept = len(p.keep_indices())
+        self.recomputed[vllm_adapter.request_id(request)] = kept - min(kept, len(sources))
         if num_external_tokens <= 0:
             return
-        assert keep is not None, "a load was granted for a session whose pins changed"
-        start = len(keep) - num_external_tokens  # pitfall 1: never rewrite local hits
+        assert sources, "a load was granted for a session whose pins changed"
+        start = len(sources) - num_external_tokens  # pitfall 1: never rewrite local hits
         new_blocks = vllm_adapter.block_table(blocks)
-        pin = self.pinned[p["id"]]
-        src = keep[start:]
-        dst = list(range(start, len(keep)))
+        pin = self.pinned[p.load_key]
+        src = sources[start:]
+        dst = list(range(start, len(sources)))
         self.jobs.append(LoadJob(
             req_id=vllm_adapter.request_id(request),
             src_slots=slots(pin.block_ids, src, self.block_size),
@@ -178,21 +249,27 @@ class SessionScheduler:
     def request_finished(self, request, block_ids: list[int]):
         rid = vllm_adapter.request_id(request)
         self.active.pop(rid, None)
-        recomputed = self.recomputed.pop(rid, None)
+        recomputed = self.recomputed.pop(rid, None) or 0
         p = self.params(request)
-        if p is None or p.get(DROP_KEY):
+        if p is None:
             return False, None
+        if recomputed:
+            self.events.record_recomputed(recomputed)
         if not vllm_adapter.finished_ok(request):
-            return False, None  # the API keeps the session as before this turn
+            return False, None  # aborted or failed: the old pins stay, the API keeps the old state
         num = vllm_adapter.num_computed_tokens(request)
-        if not p.get(PEEK_KEY):
+        pinned = 0
+        if not p.peek:
             need = -(-num // self.block_size)
             block_ids = list(block_ids[:need])
             vllm_adapter.pin_blocks(self.block_pool, block_ids)
-            self._release(p["id"])
-            self.pinned[p["id"]] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
-                                          name=str(p.get("name", "")))
-        reply = {REPLY_KEY: num}
-        if recomputed:
-            reply[RECOMPUTED_KEY] = recomputed
-        return False, reply
+            self._release(p.key)
+            self.pinned[p.key] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
+                                        turn=p.turn, origin=origin_of(p), name=p.name)
+            pinned = num
+            if p.release_source and p.load_key != p.key:
+                self._release(p.load_key)  # a long turn's passes are done: their pins go
+        reply = TurnReply(pinned=pinned, recomputed=recomputed)
+        if not p.peek:
+            self._remember_reply(p.turn, reply)
+        return False, reply.to_kv_transfer_params()

@@ -2,7 +2,13 @@
 
 Runs in `start_load_kv`, before the forward pass of the step that schedules
 the load. Keys are re-rotated by Δ = new position − old position (fp32); Δ = 0
-tokens (sinks, untouched prefixes) are copied bit for bit.
+tokens (sinks, untouched prefixes) are copied bit for bit. GPU layouts move all
+layers in one fused launch (Triton on CUDA); the log line names the path taken.
+Each job's time goes to vLLM's KV-connector stats (`connector.metrics`), from
+the engine's first worker only, as `vllm:sir_compaction_seconds` on /metrics.
+Under tensor parallelism every rank gets the same plan (slots and deltas are
+per token, not per head) and applies it to its shard of the KV heads; the log
+line names the rank, one line per rank and job.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import logging
 import time
 
 from sir_vllm import vllm_adapter
+from sir_vllm.connector.metrics import CompactionTimer, SirConnectorStats, cuda_events
 from sir_vllm.kv import copy_kept_tokens, layout_for
 
 logger = logging.getLogger("vllm.sir_vllm.connector")
@@ -22,6 +29,8 @@ class SessionWorker:
         self.kv_caches = None
         self.layout = None
         self._rope = None
+        self.timer: CompactionTimer | None = None  # set once the caches (and ranks) are known
+        self.tp_rank = 0
 
     @property
     def rope(self):
@@ -33,13 +42,23 @@ class SessionWorker:
         self.kv_caches = kv_caches
         first = next(iter(kv_caches.values()))
         self.layout = layout_for(first, vllm_adapter.attention_backend_name(self.vllm_config))
+        self.tp_rank = vllm_adapter.tensor_parallel_rank()
+        if vllm_adapter.first_worker():
+            self.timer = CompactionTimer(cuda_events(first.device))
 
     def start_load_kv(self, metadata) -> None:
         for job in getattr(metadata, "loads", ()):
+            timing = self.timer.start() if self.timer else None
             t0 = time.perf_counter()
-            copy_kept_tokens(self.kv_caches, self.layout, job.src_slots, job.dst_slots,
-                             job.delta, self.rope)
-            ms = (time.perf_counter() - t0) * 1e3
+            path = copy_kept_tokens(self.kv_caches, self.layout, job.src_slots, job.dst_slots,
+                                    job.delta, self.rope)
+            if self.timer:
+                self.timer.stop(timing, len(job.delta))
+            ms = (time.perf_counter() - t0) * 1e3  # host time: a CUDA launch is asynchronous
             moved = sum(1 for d in job.delta if d)
-            logger.info("sir-vllm: compaction req=%s tokens=%d rotated=%d ms=%.2f",
-                        job.req_id, len(job.delta), moved, ms)
+            logger.info("sir-vllm: compaction req=%s tokens=%d rotated=%d ms=%.2f path=%s "
+                        "tp_rank=%d", job.req_id, len(job.delta), moved, ms, path, self.tp_rank)
+
+    def take_stats(self) -> SirConnectorStats | None:
+        """The compactions since the last call (vLLM asks after every step)."""
+        return self.timer.take() if self.timer else None

@@ -9,16 +9,39 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 SCORE_VARIANTS = ("paper", "reference-code")
 
+# Knob.budget roles: how a knob counts toward cache_size.
+PART = "part"  # its tokens are part of the budget
+REST = "rest"  # takes whatever a total budget leaves after the parts
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One tunable of a policy, declared once on the policy class.
+
+    The server's `--kv-*` flags, the CLI's knob arguments and the checks on a
+    request's `kv_policy` are all generated from these declarations.
+    """
+
+    name: str  # the constructor's keyword and the `to_dict` key
+    type: type  # int, float or str: what a command-line string is parsed as
+    default: object  # the constructor's default (the registry checks they agree)
+    help: str  # one line, without the default (front ends add it)
+    choices: tuple | None = None
+    budget: str | None = None  # PART, REST or None (not a token count)
+
 
 @runtime_checkable
 class Policy(Protocol):
     name: str  # "sirllm" | "streaming" | "full"
+    bounded: bool  # keeps a session within cache_size (False for full)
+    knobs: tuple[Knob, ...]  # what a caller may set (class attribute)
     cache_size: int | None  # token budget; None for full
     decay: float  # 1.0 for streaming/full
     score: str  # "paper" | "reference-code" (ignored by non-sirllm)

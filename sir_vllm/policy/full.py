@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from .base import check_size
+from .registry import register_policy
 
 
+@register_policy
 class FullPolicy:
     """Never evicts; the cache grows with the dialogue (upper bound on quality)."""
 
     name = "full"
+    aliases = ("none",)
+    summary = "no eviction (stock vLLM on the server)"
+    bounded = False  # no session budget: the server refuses it for sessions
+    knobs = ()
     cache_size = None
     decay = 1.0
     score = "paper"

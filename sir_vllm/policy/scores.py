@@ -48,22 +48,28 @@ class SessionScores:
     def size(self) -> int:
         return len(self.scores)
 
-    def before_turn(self, policy: Policy, num_coming: int) -> np.ndarray | None:
+    def before_turn(self, policy: Policy, num_coming: int,
+                    continues_turn: bool = False) -> np.ndarray | None:
         """Evict (if needed) and decay before a turn; returns the keep indices or None.
 
         Nothing happens on the first turn. From the second on, decay applies
         every turn, even when nothing was evicted (as the released code does).
+        A pass that continues a turn (a long turn's next chunk or answer
+        segment: `sir_vllm.policy.chunks`) evicts when it must, even within
+        the first turn, and never decays: decay counts turns, not passes.
         """
-        if self.turns == 0:
+        if self.turns == 0 and not continues_turn:
             return None
         keep = policy.select(self.scores, num_coming)
         if keep is not None:
             self.scores = self.scores[keep]
-        self.scores = self.scores * policy.decay
+        if not continues_turn:
+            self.scores = self.scores * policy.decay
         return keep
 
-    def after_turn(self, new_scores) -> None:
-        """Append the scores of the tokens this turn added to the cache."""
+    def after_turn(self, new_scores, continues_turn: bool = False) -> None:
+        """Append the scores of the tokens this turn (or pass) added to the cache."""
         new = np.asarray(new_scores, dtype=np.float64).reshape(-1)
         self.scores = np.concatenate([np.asarray(self.scores, dtype=np.float64), new])
-        self.turns += 1
+        if not continues_turn:
+            self.turns += 1

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import as_scores, check_decay, check_score, check_size, needs_eviction
+from .base import (PART, REST, SCORE_VARIANTS, Knob, as_scores, check_decay, check_score,
+                   check_size, needs_eviction)
+from .registry import register_policy
 
 
+@register_policy
 class SirLLMPolicy:
     """Surprisal-ranked retention (SirLLM, ACL 2024; released `evict_for_space_token_entropy`).
 
@@ -17,7 +20,19 @@ class SirLLMPolicy:
     """
 
     name = "sirllm"
+    summary = "the sinks, the most surprising tokens, and optionally the most recent ones"
+    bounded = True
     needs_scores = True
+    knobs = (
+        Knob("start_size", int, 4, "Attention-sink tokens always kept at the front", budget=PART),
+        Knob("entropy_size", int, 1020, "Tokens kept by score (surprisal, decayed every turn)",
+             budget=REST),
+        Knob("recent_size", int, 0, "Most recent tokens kept", budget=PART),
+        Knob("decay", float, 1.0, "Per-turn score decay, in (0, 1]"),
+        Knob("score", str, "paper", "Token score: 'paper' (the surprisal of each token) or "
+             "'reference-code' (the released code's one-position-off variant)",
+             choices=SCORE_VARIANTS),
+    )
 
     def __init__(
         self,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import as_scores, check_size, needs_eviction
+from .base import PART, REST, Knob, as_scores, check_size, needs_eviction
+from .registry import register_policy
 
 
+@register_policy
 class StreamingPolicy:
     """The StreamingLLM baseline (released `evict_for_space`).
 
@@ -16,6 +18,12 @@ class StreamingPolicy:
     """
 
     name = "streaming"
+    summary = "the sinks and a window of the most recent tokens (StreamingLLM)"
+    bounded = True
+    knobs = (
+        Knob("start_size", int, 4, "Attention-sink tokens always kept at the front", budget=PART),
+        Knob("recent_size", int, 1020, "Most recent tokens kept", budget=REST),
+    )
     decay = 1.0
     score = "paper"
     needs_scores = False
