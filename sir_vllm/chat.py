@@ -30,20 +30,26 @@ _PLACEHOLDER = "\u0000SIRVLLM\u0000"
 @dataclass
 class ChatRenderer:
     tokenizer: object  # a transformers tokenizer with a chat template
+    chat_template: str | None = None  # a template of its own (`vllm serve --chat-template`)
+
+    def render(self, messages: list[dict], **kwargs) -> str:
+        """The template's text for `messages` (the tokenizer's own template unless one was given)."""
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
     def __post_init__(self):
-        tok = self.tokenizer
         u = {"role": "user", "content": "u"}
         a = {"role": "assistant", "content": _PLACEHOLDER}
-        prompt = tok.apply_chat_template([u], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template([u, a], tokenize=False)
+        prompt = self.render([u], add_generation_prompt=True)
+        full = self.render([u, a])
         if not full.startswith(prompt) or _PLACEHOLDER not in full:
             raise ValueError("the chat template is not prefix-stable; sessions need one that is")
         head, self.answer_suffix = full[len(prompt):].split(_PLACEHOLDER)
         if head:
             raise ValueError(f"the chat template puts {head!r} before the answer text")
         self._history = [u, {"role": "assistant", "content": "a"}]
-        self._history_text = tok.apply_chat_template(self._history, tokenize=False)
+        self._history_text = self.render(self._history)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -52,9 +58,8 @@ class ChatRenderer:
         """Template text of a new message followed by the generation prompt."""
         msg = {"role": role, "content": content}
         if first:
-            return self.tokenizer.apply_chat_template([msg], tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(self._history + [msg], tokenize=False,
-                                                  add_generation_prompt=True)
+            return self.render([msg], add_generation_prompt=True)
+        full = self.render(self._history + [msg], add_generation_prompt=True)
         assert full.startswith(self._history_text)
         return full[len(self._history_text):]
 
@@ -78,9 +83,8 @@ class ChatRenderer:
         """Template text of several new messages followed by the generation prompt."""
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         if first:
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(self._history + msgs, tokenize=False,
-                                                  add_generation_prompt=True)
+            return self.render(msgs, add_generation_prompt=True)
+        full = self.render(self._history + msgs, add_generation_prompt=True)
         if not full.startswith(self._history_text):
             raise ValueError("the chat template renders these messages differently after a history")
         return full[len(self._history_text):]
@@ -96,8 +100,8 @@ class ChatRenderer:
         """Template text of one whole message (a stream fed for perplexity)."""
         msg = {"role": role, "content": content}
         if first:
-            return self.tokenizer.apply_chat_template([msg], tokenize=False)
-        full = self.tokenizer.apply_chat_template(self._history + [msg], tokenize=False)
+            return self.render([msg])
+        full = self.render(self._history + [msg])
         return full[len(self._history_text):]
 
     def answer_ids(self, text: str) -> list[int]:

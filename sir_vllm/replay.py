@@ -30,17 +30,26 @@ def _renderer(model: str) -> ChatRenderer:
 
 
 class ReferenceReplayer:
-    def __init__(self, policy: Policy, model: str):
+    """The oracle, splitting a turn too long for the budget as the server does
+    (`sir_vllm.policy.chunks`: `chunk` tokens a pass, a first turn against the
+    model's `window`)."""
+
+    def __init__(self, policy: Policy, model: str, chunk: int | None = None,
+                 window: int | None = None):
+        from .policy.chunks import default_chunk
         from .reference import Llama, ReferenceSession
 
         self.r = _renderer(model)
         self.session = ReferenceSession(Llama(model), policy)
         self.last: list[int] | None = None
+        self.chunk = chunk or (default_chunk(policy) if policy.cache_size else None)
+        self.window = window
 
     def turn(self, user: str, max_tokens: int, forced: list[int] | None = None):
         new = self.r.turn_ids(user, self.last)
         eos = {self.r.tokenizer.eos_token_id}
-        result = self.session.generate(new, max_tokens, stop_ids=eos, forced=forced)
+        result = self.session.generate(new, max_tokens, stop_ids=eos, forced=forced,
+                                       chunk=self.chunk, window=self.window)
         self.last = result.answer_ids
         text = self.r.tokenizer.decode(result.answer_ids, skip_special_tokens=True)
         return ReplayTurn(text, result.answer_ids, result.retained, result.logprobs, new), result
@@ -66,12 +75,13 @@ class ServerReplayer:
         self.policy.pop("cache_size", None)
         self.last: list[int] | None = None
 
-    def turn(self, user: str, max_tokens: int, forced=None):
+    def turn(self, user: str, max_tokens: int, forced=None, **extra):
+        """One turn; `extra`: more body fields (e.g. `ignore_eos`)."""
         new = self.r.turn_ids(user, self.last)
         out = self.client.completions.create(
             model=self.model, prompt=new, max_tokens=max_tokens, temperature=0.0, logprobs=0,
             extra_body={"session_id": self.session_id, "return_token_ids": True,
-                        "kv_policy": self.policy, "skip_special_tokens": False},
+                        "kv_policy": self.policy, "skip_special_tokens": False, **extra},
         )
         choice = out.choices[0]
         ids = list(choice.token_ids)

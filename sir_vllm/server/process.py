@@ -57,6 +57,23 @@ def popen_guarded(command: list[str], grace: float = DEFAULT_GRACE_SECONDS, **kw
     return proc, guard
 
 
+def stop_guarded(proc: subprocess.Popen | None, guard: subprocess.Popen | None,
+                 timeout: float = 30.0) -> None:
+    """Stop what `popen_guarded` started: SIGTERM the process's group, SIGKILL
+    after `timeout`, then its guard (nothing is left to guard)."""
+    if proc is not None and proc.poll() is None:
+        pgid = os.getpgid(proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            proc.wait()
+    if guard is not None and guard.poll() is None:
+        guard.kill()
+        guard.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +122,11 @@ class ServerProcess:
             self.command(), stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
         )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # a failed start, or a Ctrl-C during its minutes, leaves nothing running
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -132,17 +153,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the whole process group (API server, EngineCore, workers)."""
-        if self.proc is not None and self.proc.poll() is None:
-            pgid = os.getpgid(self.proc.pid)
-            os.killpg(pgid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
-                self.proc.wait()
-        if self.guard is not None and self.guard.poll() is None:
-            self.guard.kill()  # the group is gone (or going): nothing left to guard
-            self.guard.wait()
+        stop_guarded(self.proc, self.guard, timeout)
 
     def __enter__(self) -> "ServerProcess":
         return self.start() if self.proc is None else self
