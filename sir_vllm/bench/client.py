@@ -11,13 +11,20 @@ Two ways to hold a conversation, one token stream (`sir_vllm.chat.ChatRenderer`)
 Each turn asks for exactly `max_tokens` tokens (greedy, `ignore_eos`), through
 the official `openai` client (`AsyncOpenAI`, no retries: a failure is a result).
 
-**Time to first token.** Session turns cannot stream (the session layer
-refuses `stream=true`), so no policy streams: TTFT is the client-side turn
-latency minus the server's decode interval (first to last output token, the
-`metrics.generation_time_ms` of `vllm serve --enable-per-request-metrics`).
-That is what a streaming client would have seen as its first token (HTTP,
-session layer, queueing, prefill and the first sample), measured the same way
-for every policy. Servers without that flag leave TTFT empty.
+**Streaming** (the default, every policy alike): each request has
+`stream: true` and `stream_options.include_usage`, so the last chunk before
+`data: [DONE]` carries the usage (and the server's per-request metrics) and,
+for a session, the `session` object. Measured on the client as
+`vllm bench serve` does: TTFT = request sent -> first chunk with a token;
+TPOT = (last token's chunk - first token's chunk) / (output tokens - 1);
+latency = request sent -> end of the stream.
+
+**Not streaming** (`--no-stream`, the measurement from before sessions could
+stream): TTFT is estimated as the turn latency minus the server's decode
+interval (first to last output token, `metrics.generation_time_ms` of
+`vllm serve --enable-per-request-metrics`), TPOT as that interval / (output
+tokens - 1). Servers without that flag leave both empty. The same estimate is
+kept beside the measured figures of a streamed turn (`ttft_estimate_ms`).
 """
 
 from __future__ import annotations
@@ -42,7 +49,11 @@ class TurnRecord:
     latency_ms: float
     status: int | None = None         # HTTP status of a failure (None: no response)
     error: str | None = None
-    ttft_ms: float | None = None      # latency - server decode interval
+    streamed: bool = False
+    ttft_ms: float | None = None      # streamed: sent -> first token; else ttft_estimate_ms
+    tpot_ms: float | None = None      # streamed: per output token after the first; else the server's
+    ttft_estimate_ms: float | None = None  # latency - server decode interval (either mode)
+    token_chunks: int | None = None   # streamed: chunks that carried tokens
     prefill_ms: float | None = None   # server: scheduled -> first token
     queue_ms: float | None = None     # server: queued -> scheduled
     new_tokens: int = 0               # the turn's own tokens (what a session request sends)
@@ -52,6 +63,7 @@ class TurnRecord:
     context_tokens: int = 0           # conversation length after this turn (all turns + answers)
     kv_tokens: int | None = None      # KV the conversation holds after the turn
     loaded_tokens: int | None = None  # session: kept tokens loaded from the previous turn
+    recomputed_tokens: int | None = None  # session: kept tokens found unpinned, recomputed
     evicted_tokens: int | None = None  # session: tokens evicted so far (cumulative)
     budget: int | None = None         # session: the policy's cache size
     request_id: str | None = None     # the response's id (joins the server log)
@@ -101,6 +113,16 @@ def _error_text(exc: Exception) -> tuple[int | None, str]:
     return status, str(message or getattr(exc, "message", None) or exc) or type(exc).__name__
 
 
+def _server_estimates(rec: TurnRecord, metrics: dict) -> None:
+    """TTFT and TPOT from the server's decode interval (the non-streaming figures)."""
+    gen = metrics.get("generation_time_ms")
+    if gen is None:
+        return
+    rec.ttft_estimate_ms = max(0.0, rec.latency_ms - float(gen))
+    rec.ttft_ms = rec.ttft_estimate_ms
+    rec.tpot_ms = float(gen) / (rec.output_tokens - 1) if rec.output_tokens > 1 else None
+
+
 def parse_response(rec: TurnRecord, out: dict, mode: str, context_tokens: int) -> list[int]:
     """Fill `rec` from a completions response (a dict); returns the answer's ids."""
     rec.request_id = out.get("id")
@@ -115,9 +137,7 @@ def parse_response(rec: TurnRecord, out: dict, mode: str, context_tokens: int) -
     rec.cached_tokens = details.get("cached_tokens")
     rec.context_tokens = context_tokens + rec.new_tokens + len(ids)
     metrics = out.get("metrics") or {}
-    gen = metrics.get("generation_time_ms")
-    if gen is not None:
-        rec.ttft_ms = max(0.0, rec.latency_ms - float(gen))
+    _server_estimates(rec, metrics)
     rec.prefill_ms = metrics.get("time_to_first_token_ms")
     rec.queue_ms = metrics.get("queue_time_ms")
     session = out.get("session")
@@ -127,6 +147,7 @@ def parse_response(rec: TurnRecord, out: dict, mode: str, context_tokens: int) -
                                "is the server running with --kv-policy sirllm|streaming?")
         rec.kv_tokens = session.get("retained_tokens")
         rec.loaded_tokens = session.get("loaded_tokens")
+        rec.recomputed_tokens = session.get("recomputed_tokens")
         rec.evicted_tokens = session.get("evicted_tokens")
         rec.budget = session.get("budget")
     else:
@@ -135,20 +156,94 @@ def parse_response(rec: TurnRecord, out: dict, mode: str, context_tokens: int) -
     return list(ids)
 
 
+def assemble_stream(chunks: list[dict]) -> dict:
+    """A stream's chunks as one completions response: the answer's token ids
+    joined, the usage and metrics of the usage chunk, the `session` object of
+    the chunk that carries it (the last one before [DONE])."""
+    if not chunks:
+        raise RuntimeError("the stream ended without a chunk")
+    ids: list[int] = []
+    out: dict = {"id": chunks[0].get("id")}
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            piece = choice.get("token_ids")
+            if piece is None and choice.get("text"):
+                raise RuntimeError("the server did not stream token_ids "
+                                   "(needs vLLM >= 0.10's return_token_ids)")
+            ids.extend(piece or [])
+        for key in ("usage", "metrics", "session"):
+            if chunk.get(key) is not None:
+                out[key] = chunk[key]
+    out["choices"] = [{"token_ids": ids}]
+    return out
+
+
+def stream_timings(sent: float, chunks: list[tuple[float, dict]],
+                   output_tokens: int | None = None) -> tuple[float | None, float | None, int]:
+    """(TTFT ms, TPOT ms, chunks with tokens) from each chunk's arrival time (seconds).
+
+    TTFT: `sent` -> the first chunk that carries a token. TPOT: (the last
+    token's chunk - the first token's chunk) / (output tokens - 1), as `vllm
+    bench serve` computes it (`output_tokens`: the usage's count, else the
+    tokens the chunks carried); None for a one-token answer."""
+    times, tokens = [], 0
+    for at, chunk in chunks:
+        n = sum(len(c.get("token_ids") or ()) or bool(c.get("text"))
+                for c in chunk.get("choices") or [])
+        if n:
+            times.append(at)
+            tokens += n
+    if not times:
+        return None, None, 0
+    tokens = output_tokens or tokens
+    ttft = (times[0] - sent) * 1000.0
+    tpot = (times[-1] - times[0]) * 1000.0 / (tokens - 1) if tokens > 1 else None
+    return ttft, tpot, len(times)
+
+
+def parse_stream(rec: TurnRecord, sent: float, chunks: list[tuple[float, dict]], mode: str,
+                 context_tokens: int) -> list[int]:
+    """Fill `rec` from a streamed turn: (arrival time, chunk) pairs, `sent` the
+    time the request went out (`rec.latency_ms` already set); returns the answer's ids."""
+    ids = parse_response(rec, assemble_stream([c for _, c in chunks]), mode, context_tokens)
+    rec.streamed = True
+    rec.ttft_ms, rec.tpot_ms, rec.token_chunks = stream_timings(sent, chunks, rec.output_tokens)
+    if rec.ttft_ms is None:
+        raise RuntimeError("the stream carried no token")
+    return ids
+
+
+async def _streamed(client, **kwargs) -> list[tuple[float, dict]]:
+    """The request streamed to its end: (arrival time, chunk) for every chunk."""
+    stream = await client.completions.create(stream=True, stream_options={"include_usage": True},
+                                             **kwargs)
+    chunks = []
+    async with stream:
+        async for chunk in stream:
+            chunks.append((time.perf_counter(), chunk.model_dump()))
+    return chunks
+
+
 async def run_turn(client, model: str, mode: str, prompt: list[int], max_tokens: int,
                    session_id: str | None, rec: TurnRecord, t0: float,
-                   context_tokens: int) -> list[int] | None:
-    """One request; fills `rec`; the answer's ids, or None on failure."""
+                   context_tokens: int, stream: bool = True) -> list[int] | None:
+    """One request (streamed unless `stream` is False); fills `rec`; the
+    answer's ids, or None on failure."""
     body = {"return_token_ids": True, "ignore_eos": True}
     if session_id is not None:
         body["session_id"] = session_id
+    args = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, extra_body=body)
     start = time.perf_counter()
     rec.start_s = start - t0
     try:
-        resp = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                               temperature=0.0, extra_body=body)
-        rec.latency_ms = (time.perf_counter() - start) * 1000.0
-        ids = parse_response(rec, resp.model_dump(), mode, context_tokens)
+        if stream:
+            chunks = await _streamed(client, **args)
+            rec.latency_ms = (time.perf_counter() - start) * 1000.0
+            ids = parse_stream(rec, start, chunks, mode, context_tokens)
+        else:
+            resp = await client.completions.create(**args)
+            rec.latency_ms = (time.perf_counter() - start) * 1000.0
+            ids = parse_response(rec, resp.model_dump(), mode, context_tokens)
         rec.ok = True
         return ids
     except Exception as exc:  # a failed turn is a measurement, not a crash
@@ -174,7 +269,7 @@ def make_client(url: str, api_key: str = "unused", timeout: float = 3600.0):
 
 async def run_load(url: str, model: str, mode: str, workload: list[list[str]], renderer,
                    max_tokens: int, policy: str, api_key: str = "unused", progress=None,
-                   tag: str = "bench", timeout: float = 3600.0) -> LoadResult:
+                   tag: str = "bench", timeout: float = 3600.0, stream: bool = True) -> LoadResult:
     """Every session of `workload` at once, each turn after the previous answer.
 
     A session stops at its first failed turn (its conversation cannot go on:
@@ -194,7 +289,7 @@ async def run_load(url: str, model: str, mode: str, workload: list[list[str]], r
             rec = TurnRecord(policy, concurrency, i, t, False, 0.0, 0.0, new_tokens=len(new),
                              context_tokens=conv.length + len(new))
             answer = await run_turn(client, model, mode, conv.prompt(mode, new), max_tokens,
-                                    sid, rec, t0, conv.length)
+                                    sid, rec, t0, conv.length, stream)
             records.append(rec)
             if progress is not None:
                 progress.update(1)

@@ -3,7 +3,9 @@
 Times are in milliseconds (as `vllm bench serve` reports them), rates per
 second. Every summary carries both this project's keys (`turns_per_s`,
 `ttft_p50`, ...) and the `vllm bench serve` names for the same figures
-(`request_throughput`, `median_ttft_ms`, ...).
+(`request_throughput`, `median_ttft_ms`, ...). Compaction times come from the
+server's `/metrics` (the `vllm:sir_compaction_seconds` histogram, read before
+and after a run: `read_histogram`, `histogram_delta`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import numpy as np
 from .client import TurnRecord
 
 _CONTEXT_ERROR = re.compile(r"maximum context length|max_model_len|context length", re.I)
-# sir_vllm/connector/worker.py logs one line per load of kept tokens
-_COMPACTION = re.compile(r"sir-vllm: compaction req=(\S+) tokens=(\d+) rotated=(\d+) ms=([\d.]+)")
+COMPACTION_METRIC = "vllm:sir_compaction_seconds"  # one observation per load of kept tokens
 
 
 def percentile(values, q: float) -> float | None:
@@ -28,6 +29,11 @@ def percentile(values, q: float) -> float | None:
 def mean(values) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
+
+
+def std(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.std(vals)) if vals else None
 
 
 def is_context_length_error(status: int | None, message: str | None) -> bool:
@@ -64,33 +70,64 @@ def first_short_answer(records: list[TurnRecord], max_tokens: int) -> dict | Non
             "context_tokens": first.context_tokens, "turns": len(short)}
 
 
-def parse_compaction_log(text: str) -> dict[str, tuple[int, int, float]]:
-    """Server log -> {request id as the client saw it: (tokens, rotated, ms)}.
+def read_histogram(text: str, name: str = COMPACTION_METRIC) -> dict:
+    """A Prometheus histogram from a `/metrics` page, summed over its label
+    sets (engines, models): {"count", "sum", "buckets": {upper bound: cumulative count}}."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    The engine's id is the API id plus `-{index}-{suffix}`; several loads of
-    one request (a preemption) add up."""
-    out: dict[str, tuple[int, int, float]] = {}
-    for m in _COMPACTION.finditer(text):
-        req = m.group(1)
-        parts = req.rsplit("-", 2)
-        key = parts[0] if len(parts) == 3 and parts[1].isdigit() else req
-        tok, rot, ms = int(m.group(2)), int(m.group(3)), float(m.group(4))
-        if key in out:
-            a, b, c = out[key]
-            tok, rot, ms = a + tok, b + rot, c + ms
-        out[key] = (tok, rot, ms)
+    out = {"count": 0.0, "sum": 0.0, "buckets": {}}
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == name + "_count":
+                out["count"] += sample.value
+            elif sample.name == name + "_sum":
+                out["sum"] += sample.value
+            elif sample.name == name + "_bucket":
+                le = float(sample.labels["le"])
+                out["buckets"][le] = out["buckets"].get(le, 0.0) + sample.value
     return out
 
 
-def attach_compaction(records: list[TurnRecord], table: dict[str, tuple[int, int, float]]) -> int:
-    """Fill each record's compaction figures from the log table; returns how many matched."""
-    n = 0
-    for r in records:
-        hit = table.get(r.request_id) if r.request_id else None
-        if hit:
-            r.compaction_tokens, r.rotated_tokens, r.compaction_ms = hit
-            n += 1
-    return n
+def histogram_delta(before: dict, after: dict) -> dict:
+    """What a histogram observed between two reads."""
+    return {"count": after["count"] - before["count"], "sum": after["sum"] - before["sum"],
+            "buckets": {le: n - before["buckets"].get(le, 0.0) for le, n in after["buckets"].items()}}
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The q-quantile (0..1) of cumulative buckets, interpolated within its
+    bucket as Prometheus's `histogram_quantile` does; None with no observation."""
+    bounds = sorted(buckets)
+    if not bounds or not buckets[bounds[-1]]:
+        return None
+    rank, lower, below = q * buckets[bounds[-1]], 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower  # above the highest finite bound: its bound, as Prometheus
+            inside = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, buckets[le]
+    return lower
+
+
+def compaction_figures(delta: dict | None) -> dict:
+    """A run's compactions from the delta of `vllm:sir_compaction_seconds`: how
+    many (one per load of kept tokens), mean (exact) and p50/p99 (from the
+    buckets), in ms."""
+    count = int(round(delta["count"])) if delta else 0
+
+    def ms(seconds):
+        return None if seconds is None else seconds * 1e3
+
+    return {
+        "compaction_turns": count,
+        "compaction_ms_p50": ms(histogram_quantile(0.5, delta["buckets"])) if count else None,
+        "compaction_ms_p99": ms(histogram_quantile(0.99, delta["buckets"])) if count else None,
+        "compaction_ms_mean": ms(delta["sum"] / count) if count else None,
+    }
 
 
 def eviction_flags(records: list[TurnRecord]) -> dict[tuple[int, int], bool]:
@@ -124,6 +161,8 @@ def by_turn(records: list[TurnRecord]) -> list[dict]:
             "latency_mean_ms": mean(r.latency_ms for r in ok),
             "latency_p50_ms": percentile([r.latency_ms for r in ok], 50),
             "ttft_mean_ms": mean(r.ttft_ms for r in ok),
+            "ttft_p50_ms": percentile([r.ttft_ms for r in ok], 50),
+            "tpot_mean_ms": mean(r.tpot_ms for r in ok),
             "kv_tokens_mean": mean(r.kv_tokens for r in ok),
             "kv_tokens_max": max((r.kv_tokens for r in ok if r.kv_tokens is not None), default=None),
             "context_tokens_mean": mean(r.context_tokens for r in ok),
@@ -140,11 +179,14 @@ def _window_rate(recs: list[TurnRecord]) -> float | None:
 
 
 def summarize(records: list[TurnRecord], duration_s: float, policy: str, concurrency: int,
-              max_tokens: int) -> dict:
-    """One run (one policy, one number of sessions) as figures."""
+              max_tokens: int, compaction: dict | None = None) -> dict:
+    """One run (one policy, one number of sessions) as figures; `compaction`:
+    the run's `histogram_delta` of `vllm:sir_compaction_seconds`, if read."""
     ok = [r for r in records if r.ok]
     lat = [r.latency_ms for r in ok]
     ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
+    tpot = [r.tpot_ms for r in ok if r.tpot_ms is not None]
+    estimate = [r.ttft_estimate_ms for r in ok if r.ttft_estimate_ms is not None]
     out_tokens = sum(r.output_tokens for r in ok)
 
     def rate(n: float) -> float | None:
@@ -172,6 +214,13 @@ def summarize(records: list[TurnRecord], duration_s: float, policy: str, concurr
         "ttft_p50": percentile(ttft, 50),
         "ttft_p99": percentile(ttft, 99),
         "ttft_mean": mean(ttft),
+        "tpot_p50": percentile(tpot, 50),
+        "tpot_p99": percentile(tpot, 99),
+        "tpot_mean": mean(tpot),
+        "streamed": bool(ok) and all(r.streamed for r in ok),
+        # latency - the server's decode interval: the non-streaming estimate of TTFT
+        "ttft_estimate_p50": percentile(estimate, 50),
+        "ttft_estimate_p99": percentile(estimate, 99),
         "latency_p50": percentile(lat, 50),
         "latency_p99": percentile(lat, 99),
         "latency_mean": mean(lat),
@@ -182,10 +231,7 @@ def summarize(records: list[TurnRecord], duration_s: float, policy: str, concurr
         "evicting_turns": sum(1 for v in evict.values() if v),
         "latency_p50_evicting": percentile(lat_evict, 50),
         "latency_p50_not_evicting": percentile(lat_keep, 50),
-        "compaction_turns": sum(1 for r in ok if r.compaction_ms is not None),
-        "compaction_ms_p50": percentile([r.compaction_ms for r in ok], 50),
-        "compaction_ms_p99": percentile([r.compaction_ms for r in ok], 99),
-        "compaction_ms_mean": mean(r.compaction_ms for r in ok),
+        **compaction_figures(compaction),
         "prefill_p50": percentile([r.prefill_ms for r in ok], 50),
         "queue_p50": percentile([r.queue_ms for r in ok], 50),
         "total_input_tokens": sum(r.new_tokens for r in ok),
@@ -201,9 +247,15 @@ def summarize(records: list[TurnRecord], duration_s: float, policy: str, concurr
         "max_concurrency": concurrency,
         "mean_ttft_ms": mean(ttft),
         "median_ttft_ms": percentile(ttft, 50),
+        "std_ttft_ms": std(ttft),
         "p99_ttft_ms": percentile(ttft, 99),
+        "mean_tpot_ms": mean(tpot),
+        "median_tpot_ms": percentile(tpot, 50),
+        "std_tpot_ms": std(tpot),
+        "p99_tpot_ms": percentile(tpot, 99),
         "mean_e2el_ms": mean(lat),
         "median_e2el_ms": percentile(lat, 50),
+        "std_e2el_ms": std(lat),
         "p99_e2el_ms": percentile(lat, 99),
         "by_turn": by_turn(records),
     }
@@ -305,3 +357,45 @@ def memory_report(records: list[TurnRecord], turns: tuple[int, int] = (100, 1000
         "within_budget": (max(kv) <= budget) if kv and budget is not None else None,
         "max_context_tokens": max((r.context_tokens for r in ok), default=0),
     }
+
+
+# the settings two runs must share for their turns to be the same turns
+SAME_TURNS = ("model", "sessions", "turns", "max_tokens", "budget", "decay", "seed", "workload",
+              "max_user_tokens", "max_model_len")
+
+
+def ttft_by_mode(streamed: dict, unstreamed: dict) -> dict:
+    """Issue 11's TTFT figure from two results documents of the same turns,
+    one streamed and one `--no-stream`: per policy, the time to the first
+    token as a client sees it in each mode (p50/p99, ms). Streamed: the
+    measured TTFT. Not streamed: the first token arrives with the whole
+    response, so it is the turn latency; beside it the server-metrics
+    estimate the non-streaming bench reported as TTFT. `ratio_p50`: the
+    policy's non-streamed p50 over its streamed p50; `vs_stock_p50`: stock's
+    streamed p50 over the policy's."""
+    a, b = streamed["settings"], unstreamed["settings"]
+    differ = [k for k in SAME_TURNS if a.get(k) != b.get(k)]
+    if differ:
+        raise ValueError("the two runs are not of the same turns: they differ in "
+                         + ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in differ))
+    rows = {}
+    for name in dict.fromkeys([*streamed["policies"], *unstreamed["policies"]]):
+        s, u = streamed["policies"].get(name), unstreamed["policies"].get(name)
+        row = {}
+        if s:
+            row["streamed_ttft_p50_ms"], row["streamed_ttft_p99_ms"] = s["ttft_p50"], s["ttft_p99"]
+            row["streamed_tpot_p50_ms"] = s.get("tpot_p50")
+        if u:
+            row["unstreamed_first_token_p50_ms"] = u["latency_p50"]
+            row["unstreamed_first_token_p99_ms"] = u["latency_p99"]
+            row["unstreamed_estimate_p50_ms"] = u.get("ttft_estimate_p50", u.get("ttft_p50"))
+            row["unstreamed_estimate_p99_ms"] = u.get("ttft_estimate_p99", u.get("ttft_p99"))
+        if s and u and s["ttft_p50"]:
+            row["ratio_p50"] = u["latency_p50"] / s["ttft_p50"]
+        rows[name] = row
+    stock = rows.get("stock", {}).get("streamed_ttft_p50_ms")
+    for name, row in rows.items():
+        if name != "stock" and stock and row.get("streamed_ttft_p50_ms"):
+            row["vs_stock_p50"] = stock / row["streamed_ttft_p50_ms"]
+    return {"streamed_command": streamed.get("command"),
+            "unstreamed_command": unstreamed.get("command"), "policies": rows}

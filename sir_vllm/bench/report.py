@@ -8,6 +8,8 @@ from pathlib import Path
 
 LATENCY_PLOT = "latency_vs_turn.png"
 THROUGHPUT_PLOT = "throughput_vs_sessions.png"
+TTFT_PLOT = "ttft_vs_turn.png"
+TTFT_MODES_PLOT = "ttft_by_mode.png"
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -33,6 +35,8 @@ COLUMNS = [
     ("out tok/s", lambda s: _fmt(s["output_tokens_per_s"], 1)),
     ("TTFT p50 ms", lambda s: _fmt(s["ttft_p50"], 0)),
     ("TTFT p99 ms", lambda s: _fmt(s["ttft_p99"], 0)),
+    ("TPOT p50 ms", lambda s: _fmt(s.get("tpot_p50"), 1)),
+    ("TPOT p99 ms", lambda s: _fmt(s.get("tpot_p99"), 1)),
     ("latency p50 ms", lambda s: _fmt(s["latency_p50"], 0)),
     ("latency p99 ms", lambda s: _fmt(s["latency_p99"], 0)),
     ("KV tok/session (peak)", lambda s: _fmt(s["kv_tokens_per_session"])),
@@ -79,7 +83,8 @@ def _settings_lines(st: dict) -> list[str]:
         f"streaming: {b.get('start')} sinks + {b.get('total', 0) - b.get('start', 0)} recent)",
         f"- stock: `--kv-policy none`, prefix caching on, the client resends the whole "
         f"conversation each turn; max_model_len: {st.get('max_model_len') or 'the model default'}",
-        f"- TTFT: {st['ttft_method']}",
+        f"- {'streamed' if st.get('stream') else 'not streamed (`--no-stream`)'}; "
+        f"TTFT: {st['ttft_method']}",
     ]
     if st.get("server_args"):
         lines.append(f"- extra server arguments (every policy): `{' '.join(st['server_args'])}`")
@@ -164,6 +169,9 @@ def markdown(results: dict) -> str:
         out += [markdown_table(["policy", "turns", "latency ms, median of 10 turns to", "… to",
                                 "late/early", "slope ms/100 turns", "max retained", "budget",
                                 "conversation tokens"], rows), ""]
+    modes = results.get("ttft_by_mode")
+    if modes:
+        out += ttft_by_mode_lines(modes)
     plots = results.get("plots") or []
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -171,6 +179,29 @@ def markdown(results: dict) -> str:
     if by:
         out += ["## Latency against turn number (largest number of sessions)", "", by, ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def ttft_by_mode_lines(modes: dict) -> list[str]:
+    """results.md's section for issue 11's TTFT figure (`metrics.ttft_by_mode`)."""
+    out = ["## Time to first token: streamed vs not, and vs stock", "",
+           "Streamed: request sent -> first chunk with a token (client-side). Not streamed: "
+           "the first token comes with the whole response, at the turn latency; beside it the "
+           "estimate `--no-stream` reports as TTFT (latency minus the server's decode interval). "
+           "Same turns (same seed and settings) in both runs.", "",
+           f"- streamed run: `{modes.get('streamed_command')}`",
+           f"- not-streamed run: `{modes.get('unstreamed_command')}`", ""]
+    head = ["policy", "streamed TTFT p50 ms", "p99", "not streamed: first token p50 ms", "p99",
+            "server estimate p50 ms", "p99", "not streamed / streamed (p50)",
+            "stock streamed / this (p50)"]
+    rows = []
+    for name, r in modes["policies"].items():
+        rows.append([name, _fmt(r.get("streamed_ttft_p50_ms"), 0), _fmt(r.get("streamed_ttft_p99_ms"), 0),
+                     _fmt(r.get("unstreamed_first_token_p50_ms"), 0),
+                     _fmt(r.get("unstreamed_first_token_p99_ms"), 0),
+                     _fmt(r.get("unstreamed_estimate_p50_ms"), 0),
+                     _fmt(r.get("unstreamed_estimate_p99_ms"), 0),
+                     _fmt(r.get("ratio_p50"), 2), _fmt(r.get("vs_stock_p50"), 2)])
+    return out + [markdown_table(head, rows), ""]
 
 
 def _by_turn_rows(results: dict, max_rows: int = 25) -> str:
@@ -183,13 +214,14 @@ def _by_turn_rows(results: dict, max_rows: int = 25) -> str:
     index = {n: {row["turn"]: row for row in p.get("by_turn", [])} for n, p in pols.items()}
     head = ["turn"]
     for n in pols:
-        head += [f"{n} latency ms", f"{n} KV tokens"]
+        head += [f"{n} latency ms", f"{n} TTFT ms", f"{n} KV tokens"]
     rows = []
     for t in pick:
         row = [str(t)]
         for n in pols:
             r = index[n].get(t)
             row += [_fmt(r["latency_mean_ms"], 0) if r else "–",
+                    _fmt(r.get("ttft_mean_ms"), 0) if r else "–",
                     _fmt(r["kv_tokens_mean"], 0) if r else "–"]
         rows.append(row)
     return markdown_table(head, rows)
@@ -232,12 +264,7 @@ def plot_latency_vs_turn(results: dict, path: Path) -> Path:
         rows, after = split_at_failure(rows, f)
         xs = [r["turn"] for r in rows]
         ys = [r["latency_mean_ms"] for r in rows]
-        if len(xs) < 60:
-            line, = ax1.plot(xs, ys, label=name, marker=".")
-        else:  # long runs: the raw curve faint, a rolling median on top
-            line, = ax1.plot(xs, _rolling_median(ys, max(5, len(xs) // 50)),
-                             label=f"{name} (rolling median)")
-            ax1.plot(xs, ys, color=line.get_color(), alpha=0.25, linewidth=0.7)
+        line = _curve(ax1, xs, ys, name)
         ax2.plot(xs, [r["kv_tokens_mean"] for r in rows], label=name, color=line.get_color())
         if after:
             ax1.plot([r["turn"] for r in after], [r["latency_mean_ms"] for r in after], "x",
@@ -261,6 +288,90 @@ def plot_latency_vs_turn(results: dict, path: Path) -> Path:
     ax2.set_xlabel("turn")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curve(ax, xs, ys, label):
+    """A per-turn curve: raw with markers when short; long runs a rolling median over the faint raw."""
+    if len(xs) < 60:
+        line, = ax.plot(xs, ys, label=label, marker=".")
+    else:
+        line, = ax.plot(xs, _rolling_median(ys, max(5, len(xs) // 50)),
+                        label=f"{label} (rolling median)")
+        ax.plot(xs, ys, color=line.get_color(), alpha=0.25, linewidth=0.7)
+    return line
+
+
+def plot_ttft_vs_turn(results: dict, path: Path) -> Path:
+    """TTFT (top) and TPOT (bottom) against the turn number, per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for name, pol in results["policies"].items():
+        rows, _ = split_at_failure([r for r in pol.get("by_turn", [])
+                                    if r.get("ttft_mean_ms") is not None], pol.get("failure"))
+        if not rows:
+            continue
+        xs = [r["turn"] for r in rows]
+        line = _curve(ax1, xs, [r["ttft_mean_ms"] for r in rows], name)
+        tp = [(r["turn"], r["tpot_mean_ms"]) for r in rows if r.get("tpot_mean_ms") is not None]
+        if tp:
+            ax2.plot(*zip(*tp), label=name, color=line.get_color(),
+                     marker="." if len(tp) < 60 else None)
+    st = results["settings"]
+    how = "streamed, client-side" if st.get("stream") else "not streamed: server-metrics estimate"
+    n = max(st["sessions"])
+    ax1.set_title(f"Time to first token against turn number ({how}; "
+                  f"{n} concurrent session{'s' if n > 1 else ''})")
+    ax1.set_ylabel("TTFT, ms (mean over sessions)")
+    ax2.set_ylabel("TPOT, ms (mean over sessions)")
+    ax2.set_xlabel("turn")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ttft_by_mode(streamed: dict, unstreamed: dict, path: Path) -> Path:
+    """Issue 11's figure against the turn number: each policy's streamed TTFT
+    and, dashed, its not-streamed first token (the turn latency), p50 over sessions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = {}
+    for results, key, style, what in ((streamed, "ttft_p50_ms", "-", "streamed TTFT"),
+                                      (unstreamed, "latency_p50_ms", "--",
+                                       "not streamed: first token = latency")):
+        for name, pol in results["policies"].items():
+            rows, _ = split_at_failure([r for r in pol.get("by_turn", []) if r.get(key) is not None],
+                                       pol.get("failure"))
+            if not rows:
+                continue
+            line, = ax.plot([r["turn"] for r in rows], [r[key] for r in rows], style,
+                            marker="." if len(rows) < 60 else None, color=colors.get(name),
+                            label=f"{name}, {what}")
+            colors[name] = line.get_color()
+    st = streamed["settings"]
+    ax.set_title(f"Time to first token per turn ({max(st['sessions'])} sessions, "
+                 f"{st['max_tokens']}-token answers; p50 over sessions)")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -292,18 +403,32 @@ def plot_throughput_vs_sessions(results: dict, path: Path) -> Path:
     return path
 
 
-def write_outputs(results: dict, out_dir: Path) -> list[Path]:
-    """results.json, results.md and the plots into `out_dir`; returns the paths."""
+def write_outputs(results: dict, out_dir: Path, other: dict | None = None) -> list[Path]:
+    """results.json, results.md and the plots into `out_dir`; returns the paths.
+    `other`: the run of the other streaming mode (`--compare-with`), for the TTFT-by-mode plot."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = [plot_latency_vs_turn(results, out_dir / LATENCY_PLOT)]
+    plots = [plot_latency_vs_turn(results, out_dir / LATENCY_PLOT),
+             plot_ttft_vs_turn(results, out_dir / TTFT_PLOT)]
     if len(results["settings"]["sessions"]) > 1:
         plots.append(plot_throughput_vs_sessions(results, out_dir / THROUGHPUT_PLOT))
+    if other is not None and results.get("ttft_by_mode"):
+        pair = (results, other) if results["settings"].get("stream") else (other, results)
+        plots.append(plot_ttft_by_mode(*pair, out_dir / TTFT_MODES_PLOT))
+    if results.get("pressure"):
+        from .pressure import PRESSURE_PLOT, plot_pressure
+
+        plots.append(plot_pressure(results, out_dir / PRESSURE_PLOT))
     results["plots"] = [p.name for p in plots]
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     md_path = out_dir / "results.md"
-    md_path.write_text(markdown(results))
+    text = markdown(results)
+    if results.get("pressure"):
+        from .pressure import pressure_markdown
+
+        text += "\n" + pressure_markdown(results)
+    md_path.write_text(text)
     return [json_path, md_path, *plots]
 
 

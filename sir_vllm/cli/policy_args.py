@@ -1,50 +1,61 @@
-"""The policy flags shared by `eval` and `replay` (the server's flags mirror them)."""
+"""The policy flags shared by `eval` and `replay`, generated from the policy registry.
+
+`--policy NAME` plus one `--<knob>` per knob any policy declares (e.g.
+`--entropy-size`). Unset knobs take the task's paper settings: the budget's
+REST knob (sirllm's entropy_size, streaming's recent window) takes the task's
+budget minus the other sizes, and a `decay` knob the task's decay.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from ..policy import POLICY_ALIASES, POLICY_NAMES, SCORE_VARIANTS, Policy, make_policy
+from ..policy import PolicyError, Policy, canonical_name, fit_budget, knob_users, knobs_of
+from ..policy.base import REST
+from ..policy.registry import argparse_help, describe_knob, describe_policies, names_with_aliases
+
+TASK_DECAY_KNOB = "decay"  # the knob a task's paper decay fills when unset
+
+
+def option_for(knob: str) -> str:
+    return "--" + knob.replace("_", "-")
+
+
+def _task_default(cls, knob) -> str | None:
+    """The default in words where the task decides it."""
+    if knob.budget == REST:
+        return "the task's budget minus the other sizes"
+    if knob.name == TASK_DECAY_KNOB:
+        return "the task's"
+    return None
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV policy")
-    g.add_argument("--policy", required=True, choices=[*POLICY_NAMES, *POLICY_ALIASES],
-                   help="sirllm: sinks + highest-surprisal tokens (+ recent); "
-                        "streaming: sinks + recent window (StreamingLLM); full: no eviction")
-    g.add_argument("--start-size", type=int, default=None,
-                   help="attention sinks kept at the front (default 4)")
-    g.add_argument("--entropy-size", type=int, default=None,
-                   help="sirllm: tokens kept by score (default: the task's budget minus 4)")
-    g.add_argument("--recent-size", type=int, default=None,
-                   help="most recent tokens kept (sirllm default 0; streaming default: budget minus 4)")
-    g.add_argument("--decay", type=float, default=None,
-                   help="sirllm: score decay per turn, in (0, 1] (default: the task's)")
-    g.add_argument("--score", choices=SCORE_VARIANTS, default=None,
-                   help="sirllm: 'paper' = -log p(token | prefix); 'reference-code' = the "
-                        "released code's one-position-off variant (default paper)")
+    g.add_argument("--policy", required=True, choices=names_with_aliases(),
+                   help=argparse_help(describe_policies() + "."))  # required: no default
+    for name, users in knob_users().items():
+        knob = users[0][1]
+        g.add_argument(option_for(name), dest=name, type=knob.type, choices=knob.choices,
+                       default=None, help=argparse_help(describe_knob(name, _task_default)))
 
 
 def policy_from_args(args: argparse.Namespace, budget: int = 1024, decay: float = 1.0) -> Policy:
     """Build the policy, filling unset knobs from the task's paper settings."""
-    name = POLICY_ALIASES.get(args.policy, args.policy)
-    start = 4 if args.start_size is None else args.start_size
-    if name == "sirllm":
-        recent = 0 if args.recent_size is None else args.recent_size
-        entropy = budget - start - recent if args.entropy_size is None else args.entropy_size
-        return make_policy("sirllm", start_size=start, entropy_size=entropy, recent_size=recent,
-                           decay=decay if args.decay is None else args.decay,
-                           score=args.score or "paper")
-    if name == "streaming":
-        _refuse(args, "entropy_size", "decay", "score", policy=name)
-        recent = budget - start if args.recent_size is None else args.recent_size
-        return make_policy("streaming", start_size=start, recent_size=recent)
-    _refuse(args, "start_size", "entropy_size", "recent_size", "decay", "score", policy=name)
-    return make_policy("full")
+    name = canonical_name(args.policy)
+    given = {k: getattr(args, k, None) for k in knob_users()}
+    given = {k: v for k, v in given.items() if v is not None}
+    own = {k.name for k in knobs_of(name)}
+    _refuse(sorted(set(given) - own, key=list(knob_users()).index), policy=name)
+    if TASK_DECAY_KNOB in own:
+        given.setdefault(TASK_DECAY_KNOB, decay)
+    try:
+        return fit_budget(name, budget, **given)
+    except PolicyError as e:
+        raise ValueError(f"{option_for(e.knob)}: {e}" if e.knob in own else str(e)) from None
 
 
-def _refuse(args, *knobs: str, policy: str) -> None:
-    given = [k for k in knobs if getattr(args, k) is not None]
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+def _refuse(knobs: list[str], policy: str) -> None:
+    if knobs:
+        flags = ", ".join(option_for(k) for k in knobs)
         raise ValueError(f"{flags} do(es) not apply to --policy {policy}")

@@ -1,13 +1,18 @@
 """Where a task's sessions run. `reference`: the oracle in this process;
 `server`: a live `vllm serve --kv-policy ...` (`server_backend.py`).
 
-A backend opens sessions; a session answers choice turns (picks a candidate,
-which then stays in its cache) and feeds text (for perplexity). A backend's
-`concurrency` says how many sessions the tasks may run at once.
+A backend opens task sessions (`TaskSession`: one dialogue of a task, named
+apart from the server's `sessions.store.Session` and the oracle's
+`reference.ReferenceSession`, which they drive). A task session answers choice
+turns (picks a candidate, which then stays in its cache), generates answers
+(greedy, the recall task's filler turns) and feeds text (for perplexity). A
+backend's `concurrency` says how many sessions the tasks may run at once, its
+`max_model_len` how long one conversation may grow (the model's window).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,9 +30,22 @@ class Choice:
     scores: list[float] = field(default_factory=list)  # the values `scoring.pick` compared
 
 
-class Session(Protocol):
+@dataclass
+class Generated:
+    """A greedy answer: its token ids (the end-of-message token included when
+    the model stopped there), the turn's new input tokens, and the cache size."""
+    ids: list[int]
+    input_tokens: int
+    retained: int
+
+
+class TaskSession(Protocol):
+    """One dialogue of an eval task on a backend (one cache, turn after turn)."""
+
     def choose(self, question: str, texts: list[str], mode: str) -> Choice: ...
+    def generate(self, message: str, max_tokens: int) -> Generated: ...
     def feed(self, role: str, content: str) -> list[float]: ...
+    def holds_text(self, text: str) -> bool: ...
 
 
 class ReferenceBackend:
@@ -43,12 +61,16 @@ class ReferenceBackend:
 
         self.model = Llama(model_dir)
         self.renderer = ChatRenderer(AutoTokenizer.from_pretrained(model_dir))
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.max_model_len = config.get("max_position_embeddings")
 
-    def new_session(self, policy: Policy) -> "ReferenceChatSession":
-        return ReferenceChatSession(self, policy)
+    def new_session(self, policy: Policy) -> "OracleTaskSession":
+        return OracleTaskSession(self, policy)
 
 
-class ReferenceChatSession:
+class OracleTaskSession:
+    """A task session on the oracle (`ReferenceSession` in this process)."""
+
     def __init__(self, backend: ReferenceBackend, policy: Policy):
         from ..reference import ReferenceSession
 
@@ -66,6 +88,13 @@ class ReferenceChatSession:
         self.last_answer = cands[turn.choice]
         return Choice(turn.choice, turn.candidate_logprobs, turn.retained,
                       scoring.values(mode, texts, lengths, turn.candidate_logprobs))
+
+    def generate(self, message: str, max_tokens: int) -> Generated:
+        """A user turn answered greedily, up to max_tokens or the end of message."""
+        context = self.r.turn_ids(message, self.last_answer)
+        turn = self.session.generate(context, max_tokens, stop_ids={self.r.tokenizer.eos_token_id})
+        self.last_answer = turn.answer_ids
+        return Generated(list(turn.answer_ids), len(context), turn.retained)
 
     def holds_text(self, text: str) -> bool:
         """Whether `text` still reads, whole, in the cache's tokens (decoded:

@@ -57,6 +57,11 @@ def compare(a: dict, b: dict) -> dict:
                agreement=(len(common) - len(disagreements)) / len(common),
                only_in=[len(rows_a) - len(common), len(rows_b) - len(common)],
                disagreements=disagreements)
+    streams = [k for k in common if "answers_sha1" in rows_a[k] and "answers_sha1" in rows_b[k]]
+    if streams:  # recall-distance: did both generate the same filler answers, token for token?
+        out["n_same_answers"] = sum(rows_a[k]["answers_sha1"] == rows_b[k]["answers_sha1"]
+                                    for k in streams)
+        out["n_answer_streams"] = len(streams)
     return out
 
 
@@ -83,6 +88,9 @@ def table(cmp: dict, names: tuple[str, str] = ("A", "B"), max_rows: int = 50) ->
                      f"{cmp['ppl_relative_difference']:.2e})")
         return "\n".join(lines)
     lines.append(f"agreement {cmp['agreement']:.4f} ({cmp['n_agree']}/{cmp['n_compared']} picks)")
+    if "n_answer_streams" in cmp:
+        lines.append(f"same generated answers, token for token: {cmp['n_same_answers']}/"
+                     f"{cmp['n_answer_streams']} episodes")
     if any(cmp["only_in"]):
         lines.append(f"rows in one run only: {names[0]} {cmp['only_in'][0]}, "
                      f"{names[1]} {cmp['only_in'][1]}")

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("grocery", "dailydialog", "rps", "stream-ppl")
+TASKS = ("grocery", "dailydialog", "rps", "stream-ppl", "recall-distance")
 RPS_PLAYERS = ("rock", "paper", "scissors")
 RPS_FIRST = ("Let's play a game of Rock-Paper-Scissors. Choose one option from: "
              "(A) rock (B) paper (C) scissors. ")

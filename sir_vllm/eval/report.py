@@ -37,6 +37,17 @@ def table(result: dict) -> str:
                            for p in players)
         rows = [head, "|---|---|" + "---|" * len(players) + "---|",
                 f"| {label} | {result['scoring']} | {cells} | {_pct(m['avg_win'])} |"]
+    elif task == "recall-distance":
+        rows = ["| method | scoring | k | facts | distance (tokens) | accuracy | fact in cache "
+                "| max retained |", "|---|---|---|---|---|---|---|---|"]
+        for k, row in m["per_k"].items():
+            if "skipped" in row:
+                rows.append(f"| {label} | {result['scoring']} | {k} | 0 | – | skipped | – | – |")
+                continue
+            rows.append(f"| {label} | {result['scoring']} | {k} | {row['n_facts']} "
+                        f"| {row['mean_distance_tokens']:.0f} | {_pct(row['acc'])} "
+                        f"| {_pct(row['fact_in_cache'])} | {row['max_retained']} |")
+        rows += [f"\nk={k}: {why}" for k, why in m.get("skipped", {}).items()]
     else:
         rows = ["| method | PPL | tokens |", "|---|---|---|",
                 f"| {label} | {m['ppl']:.3f} | {m['n_tokens']} |"]

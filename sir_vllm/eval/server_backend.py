@@ -10,9 +10,13 @@ only in where the KV lives. A choice turn mirrors `ReferenceSession.choose`:
                              prompt_logprobs 0, session_peek, reserve
     one committing prefill   prompt = context + picked candidate, reserve
 
-with reserve = len(context) + the longest candidate, the oracle's eviction
-(`num_coming`), so every peek and the commit see the same keep set. A fed
-message (stream-ppl) is a prefill reserving its own length, as `feed` does.
+with reserve = len(context) + the longest candidate (+ 1 for the token a
+generated answer left pending), the oracle's eviction (`num_coming`), so every
+peek and the commit see the same keep set. A fed message (stream-ppl) is a
+prefill reserving its own length, as `feed` does. A generated answer (the
+recall task's filler turns) is a completions turn with `max_tokens`, greedy,
+stopping at the end-of-message token, as `ReferenceSession.generate` does;
+its last token stays pending on the server (no KV yet), as in the oracle.
 The policy's knobs go with every request (`kv_policy`), so the server's own
 default policy does not matter; `full` is a session that never evicts.
 """
@@ -26,7 +30,7 @@ import uuid
 from ..chat import ChatRenderer
 from ..policy import Policy
 from . import scoring
-from .backends import Choice
+from .backends import Choice, Generated
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +99,13 @@ class ServerBackend:
         knobs.pop("cache_size", None)
         return knobs
 
-    def new_session(self, policy: Policy) -> "ServerChatSession":
-        return ServerChatSession(self, policy)
+    def new_session(self, policy: Policy) -> "ServerTaskSession":
+        return ServerTaskSession(self, policy)
 
-    def complete(self, prompt: list[int], body: dict) -> dict:
+    def complete(self, prompt: list[int], body: dict, max_tokens: int = 0) -> dict:
+        """One session turn on /v1/completions (max_tokens 0: a prefill), greedy."""
         out = self._call(lambda: self.client.completions.create(
-            model=self.model_name, prompt=prompt, max_tokens=0, temperature=0.0,
+            model=self.model_name, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
             extra_body=body).model_dump())
         if not isinstance(out.get("session"), dict):
             raise RuntimeError(f"the server at {self.url} answered without a session: start it "
@@ -132,8 +137,8 @@ def _logprob(row: dict | None, token: int) -> float:
     return float(entry["logprob"])
 
 
-class ServerChatSession:
-    """One dialogue as one server session (a fresh session id)."""
+class ServerTaskSession:
+    """A task session on a server: one dialogue as one server session (a fresh id)."""
 
     def __init__(self, backend: ServerBackend, policy: Policy):
         self.b = backend
@@ -144,6 +149,7 @@ class ServerChatSession:
         self.last_answer: list[int] | None = None
         self.first_message = True
         self.started = False
+        self.pending = False  # a generated answer's last token waits, without KV, on the server
 
     def _prefill(self, ids: list[int], peek: bool = False, reserve: int | None = None,
                  scores: bool = True) -> dict:
@@ -155,10 +161,15 @@ class ServerChatSession:
         if scores:
             body["prompt_logprobs"] = 0
         out = self.b.complete(ids, body)
-        if not peek and not self.started:
+        if not peek:
+            self._committed(out)
+            self.pending = False  # a prefill caches the pending token with the prompt
+        return out
+
+    def _committed(self, out: dict) -> None:
+        if not self.started:
             self.started = True
             self._check_policy(out["session"])
-        return out
 
     def _check_policy(self, info: dict) -> None:
         """The session runs the asked budget (the server took `kv_policy`)."""
@@ -178,7 +189,7 @@ class ServerChatSession:
         context = self.r.turn_ids(question, self.last_answer)
         cands = [self.r.answer_ids(t) for t in texts]
         lengths = [len(self.r.encode(t)) for t in texts]
-        reserve = len(context) + max(len(c) for c in cands)
+        reserve = len(context) + max(len(c) for c in cands) + self.pending
         if len(cands) == 1:  # nothing to choose: the commit's own rows are the scores
             out = self._prefill(context + cands[0], reserve=reserve)
             logprobs = [self._tail_logprobs(out, cands[0])]
@@ -191,6 +202,21 @@ class ServerChatSession:
         self.last_answer = cands[k]
         return Choice(k, logprobs, int(out["session"]["retained_tokens"]),
                       scoring.values(mode, texts, lengths, logprobs))
+
+    def generate(self, message: str, max_tokens: int) -> Generated:
+        """A user turn answered greedily, up to max_tokens or the end of message."""
+        context = self.r.turn_ids(message, self.last_answer)
+        body = {"session_id": self.id, "kv_policy": self.knobs, "return_token_ids": True,
+                "skip_special_tokens": False,
+                "stop_token_ids": [self.r.tokenizer.eos_token_id]}
+        out = self.b.complete(context, body, max_tokens=max_tokens)
+        self._committed(out)
+        ids = [int(t) for t in out["choices"][0].get("token_ids") or []]
+        if not ids:
+            raise RuntimeError(f"the server at {self.b.url} returned no answer token ids")
+        self.last_answer = ids
+        self.pending = True
+        return Generated(ids, len(context), int(out["session"]["retained_tokens"]))
 
     def holds_text(self, text: str) -> bool:
         """Whether `text` still reads, whole, in the session's kept tokens."""

@@ -28,8 +28,8 @@ def summarize(results: list[dict]) -> str:
     out = []
     for (task, scoring, backend), rows in sorted(groups.items()):
         out.append(f"### {task}, scoring {scoring}, backend {backend}\n")
-        lines = [table(r).splitlines() for r in rows]
-        out.append("\n".join(lines[0][:2] + [ln[2] for ln in lines]))
+        lines = [[ln for ln in table(r).splitlines() if ln.startswith("|")] for r in rows]
+        out.append("\n".join(lines[0][:2] + [ln for t in lines for ln in t[2:]]))
         for r in rows:
             out.append(f"\n- `{r['_file']}`: {r['seconds']:.0f} s, {r['date']}, limit {r['limit']}")
         out.append("\n")

@@ -31,29 +31,36 @@ def run_choice_episodes(backend, policy: Policy, episodes: list[Episode], mode: 
     Episodes are independent: up to `backend.concurrency` run at once (a
     server serves many sessions; the oracle runs them one by one). The rows
     come back in episode order whatever the order they finish in."""
-    workers = min(max(1, int(getattr(backend, "concurrency", 1))), len(episodes))
-    stop = threading.Event()  # set on the first failure: the other episodes end early
     with _bar(sum(len(e.turns) for e in episodes), desc) as bar:
-        def one(episode: Episode) -> list[dict]:
-            return _run_episode(backend, policy, episode, mode, bar, stop)
-
-        if workers <= 1:
-            results = [one(e) for e in episodes]
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                futures = [pool.submit(one, e) for e in episodes]
-                try:
-                    results = [f.result() for f in futures]
-                except BaseException:
-                    stop.set()
-                    for f in futures:
-                        f.cancel()
-                    raise
+        results = run_sessions(backend, episodes,
+                               lambda e, stop: _run_episode(backend, policy, e, mode, bar, stop))
     return [row for rows in results for row in rows]
 
 
+def run_sessions(backend, items: list, one, order: list[int] | None = None) -> list:
+    """`one(item, stop)` for every item, up to `backend.concurrency` at once
+    (one session each); results in item order whatever the order they finish
+    in. `order`: the order to start them in (longest first shortens the tail).
+    `stop` is set on the first failure, so the other items can end early."""
+    workers = min(max(1, int(getattr(backend, "concurrency", 1))), len(items))
+    stop = threading.Event()
+    order = list(range(len(items))) if order is None else order
+    if workers <= 1:
+        done = {i: one(items[i], stop) for i in order}
+        return [done[i] for i in range(len(items))]
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {i: pool.submit(one, items[i], stop) for i in order}
+        try:
+            return [futures[i].result() for i in range(len(items))]
+        except BaseException:
+            stop.set()
+            for f in futures.values():
+                f.cancel()
+            raise
+
+
 @contextmanager
-def _session(backend, policy: Policy):
+def open_session(backend, policy: Policy):
     """A backend session, closed afterwards where the backend has something to
     free (a server session is deleted; an oracle session is just dropped)."""
     session = backend.new_session(policy)
@@ -67,7 +74,7 @@ def _session(backend, policy: Policy):
 def _run_episode(backend, policy: Policy, episode: Episode, mode: str, bar,
                  stop: threading.Event) -> list[dict]:
     rows = []
-    with _session(backend, policy) as session:
+    with open_session(backend, policy) as session:
         key = None
         for turn in episode.turns:
             if stop.is_set():
@@ -134,7 +141,7 @@ def run_stream_ppl(backend, policy: Policy, dialogues: list[list[str]], max_toke
     prediction sits at the previous message's last position, whose row a
     server session does not return (that position's KV is loaded, not
     recomputed); every other token of every message is."""
-    with _session(backend, policy) as session:
+    with open_session(backend, policy) as session:
         return _stream(session, dialogues, max_tokens)
 
 
