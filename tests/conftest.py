@@ -38,6 +38,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_serving_model(tmp_path_factory) -> Path:
+    """A tiny model vLLM's CPU kernels serve: head_dim 64 (SmolLM2's; the 16 of
+    `tiny_model` fails at the first forward on the CPU) and 2 KV heads, so it
+    also splits over 2 tensor-parallel ranks."""
+    from sir_vllm.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-serving"), hidden=128, heads=2, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
 def plugin_probe(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("probe") / "plugin-loads.tsv"
 
@@ -54,7 +64,8 @@ def server(bundled_model, plugin_probe, tmp_path_factory):
 
 # The sessions tests' server: small SirLLM budget, so a few turns evict.
 SESSION_POLICY_ARGS = ["--kv-policy", "sirllm", "--kv-start-size", "4",
-                       "--kv-entropy-size", "64", "--kv-recent-size", "32"]
+                       "--kv-entropy-size", "64", "--kv-recent-size", "32",
+                       "--kv-max-turn-tokens", "8000"]
 
 
 @pytest.fixture(scope="session")

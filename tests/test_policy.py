@@ -8,14 +8,25 @@ import pytest
 
 from sir_vllm.policy import (
     POLICY_NAMES,
+    REST,
     FullPolicy,
+    Knob,
     Policy,
+    PolicyError,
     SessionScores,
     SirLLMPolicy,
     StreamingPolicy,
+    fit_budget,
+    knob_users,
+    knobs_of,
     make_policy,
+    policy_aliases,
+    policy_names,
+    register_policy,
     turn_scores,
+    unregister_policy,
 )
+from sir_vllm.policy.base import check_size
 
 
 def keep(policy, scores, num_coming):
@@ -244,6 +255,143 @@ def test_to_dict_round_trips():
         assert make_policy(**d).to_dict() == d
     with pytest.raises(ValueError, match="cache_size"):
         make_policy("streaming", start_size=4, recent_size=4, cache_size=9)
+
+
+# -------------------------------------------------------------------- registry
+
+
+def test_registry_names_aliases_and_knobs():
+    assert policy_names() == ("sirllm", "streaming", "full")
+    assert policy_names(bounded=True) == ("sirllm", "streaming")
+    assert policy_aliases() == {"none": "full"}
+    assert [k.name for k in knobs_of("sirllm")] == ["start_size", "entropy_size", "recent_size",
+                                                     "decay", "score"]
+    assert knobs_of("none") == ()
+    users = knob_users()
+    assert [cls.name for cls, _ in users["recent_size"]] == ["sirllm", "streaming"]
+    assert [k.default for _, k in users["recent_size"]] == [0, 1020]  # each policy's own
+    for cls in (SirLLMPolicy, StreamingPolicy, FullPolicy):
+        built = cls()  # bounded means a budget; the declared defaults are the constructor's
+        assert cls.bounded == (built.cache_size is not None)
+        assert {k.name: getattr(built, k.name) for k in cls.knobs} == \
+            {k.name: k.default for k in cls.knobs}
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown policy 'h2o'; choose one of sirllm, streaming, "
+                                         "full, none"):
+        make_policy("h2o")
+    with pytest.raises(PolicyError) as e:
+        make_policy("sirllm", entropy_size=-1)
+    assert e.value.knob == "entropy_size"
+    with pytest.raises(PolicyError) as e:
+        make_policy("streaming", start_size=0, recent_size=0)  # a rule across knobs: the first named
+    assert e.value.knob == "start_size"
+    with pytest.raises(PolicyError) as e:
+        make_policy("streaming", window=3)
+    assert e.value.knob == "window"
+
+
+def test_fit_budget_gives_the_rest_to_the_rest_knob():
+    assert fit_budget("sirllm", 512).to_dict() == make_policy(
+        "sirllm", start_size=4, entropy_size=508, recent_size=0).to_dict()
+    assert fit_budget("sirllm", 512, recent_size=100).entropy_size == 408
+    assert fit_budget("sirllm", 512, entropy_size=20).cache_size == 24  # given: kept as is
+    assert fit_budget("streaming", 100, start_size=0).recent_size == 100
+    assert isinstance(fit_budget("none", 100), FullPolicy)
+    with pytest.raises(PolicyError, match="entropy_size"):
+        fit_budget("sirllm", 3)  # less than the sinks
+
+
+@pytest.mark.parametrize("attrs, msg", [
+    ({"name": "sirllm"}, "already registered"),
+    ({"name": "Bad Name"}, "lower-case word"),
+    ({"bounded": None}, "bounded"),
+    ({"knobs": (Knob("window", int, 99, "tokens"),)}, "declares default 99"),
+    ({"knobs": (Knob("size", int, 8, "tokens"),)}, "not a constructor keyword"),
+    ({"knobs": (Knob("window", int, 8, "a"), Knob("window", int, 8, "b"))}, "repeated"),
+    ({"knobs": (Knob("start_size", float, 4.0, "sinks"),),  # sirllm's is an int
+      "__init__": lambda self, start_size=4.0: None}, "differs in type"),
+    ({"knobs": (Knob("window", int, 8, "a", budget=REST), Knob("more", int, 1, "b", budget=REST)),
+      "__init__": lambda self, window=8, more=1: None}, "at most one"),
+    ({"aliases": ("none",)}, "alias 'none'"),
+])
+def test_registration_refuses_a_bad_declaration(attrs, msg):
+    cls = type("Bad", (ToyWindowPolicy,), {"name": "bad", **attrs})
+    with pytest.raises(ValueError, match=msg):
+        register_policy(cls)
+    assert "bad" not in policy_names()
+
+
+class ToyWindowPolicy:
+    """Keeps the most recent `window` tokens (a policy only this test file knows)."""
+
+    name = "toywindow"
+    bounded = True
+    needs_scores = False
+    decay = 1.0
+    score = "paper"
+    knobs = (Knob("window", int, 8, "Most recent tokens kept", budget=REST),)
+
+    def __init__(self, window: int = 8):
+        self.window = check_size("window", window)
+        self.cache_size = self.window
+
+    def select(self, scores, num_coming):
+        n = len(scores)
+        if n + num_coming <= self.cache_size:
+            return None
+        return np.arange(n - (self.cache_size - num_coming), n, dtype=np.int64)
+
+    def to_dict(self):
+        return {"name": self.name, "window": self.window, "cache_size": self.cache_size}
+
+
+@pytest.fixture
+def toy_policy():
+    register_policy(ToyWindowPolicy)
+    yield ToyWindowPolicy
+    unregister_policy(ToyWindowPolicy.name)
+
+
+def test_a_registered_policy_is_offered_by_server_cli_and_bench(toy_policy):
+    """One class + one decorator call: the server's flags, the CLI's policy
+    arguments and the bench's policy list and server arguments all offer it."""
+    import argparse
+
+    from sir_vllm.bench.runner import Budget, parse_policies, server_args
+    from sir_vllm.cli.policy_args import add_policy_args, policy_from_args
+    from sir_vllm.server import flags
+
+    assert policy_names(bounded=True) == ("sirllm", "streaming", "toywindow")
+    # vllm serve: --kv-policy choice and a --kv-window knob flag
+    server = flags.parser_for_tests()
+    policy = flags.policy_from_args(server.parse_args(["--kv-policy", "toywindow",
+                                                       "--kv-window", "24"]))
+    assert isinstance(policy, ToyWindowPolicy) and policy.cache_size == 24
+    assert "toywindow" in server.format_help() and "--kv-window" in server.format_help()
+    with pytest.raises(flags.FlagError, match="--kv-window: not a knob of --kv-policy sirllm"):
+        flags.policy_from_args(server.parse_args(["--kv-policy", "sirllm", "--kv-window", "3"]))
+    # sir-vllm eval/replay: --policy choice, --window, the task budget fills the REST knob
+    cli = argparse.ArgumentParser()
+    add_policy_args(cli)
+    assert policy_from_args(cli.parse_args(["--policy", "toywindow"]), budget=40).window == 40
+    assert policy_from_args(cli.parse_args(["--policy", "toywindow", "--window", "5"])).window == 5
+    with pytest.raises(ValueError, match="--window do"):
+        policy_from_args(cli.parse_args(["--policy", "streaming", "--window", "5"]))
+    # sir-vllm bench: a session policy, whose server gets its knobs as flags
+    assert parse_policies("toywindow,none") == ["toywindow", "stock"]
+    argv = server_args("toywindow", Budget(4, 60), 1.0, None)
+    assert argv[argv.index("--kv-policy") + 1] == "toywindow"
+    assert argv[argv.index("--kv-window") + 1] == "64"  # the bench's whole budget
+    served = flags.policy_from_args(server.parse_known_args(argv)[0])
+    assert served.to_dict() == ToyWindowPolicy(64).to_dict()
+    # withdrawn: offered nowhere
+    unregister_policy("toywindow")
+    with pytest.raises(SystemExit):
+        flags.parser_for_tests().parse_args(["--kv-policy", "toywindow"])
+    with pytest.raises(ValueError, match="unknown policy 'toywindow'"):
+        parse_policies("toywindow")
 
 
 # -------------------------------------------------------------- property check

@@ -19,7 +19,7 @@ import requests
 
 pytest.importorskip("vllm")
 
-from sir_vllm.connector.protocol import PARAMS_KEY, RECOMPUTED_KEY, REPLY_KEY  # noqa: E402
+from sir_vllm.connector.protocol import TurnParams, TurnReply  # noqa: E402
 from sir_vllm.connector.scheduler import SessionScheduler  # noqa: E402
 
 from conftest import SERVED_NAME, SESSION_POLICY_ARGS, started_server  # noqa: E402
@@ -43,14 +43,15 @@ def req(rid, prompt, params=None, computed=0, output=(), max_tokens=2):
         request_id=rid, prompt_token_ids=list(prompt), num_prompt_tokens=len(prompt),
         max_tokens=max_tokens, all_token_ids=list(prompt) + list(output),
         num_computed_tokens=computed, skip_reading_prefix_cache=False,
-        kv_transfer_params=None if params is None else {PARAMS_KEY: params},
+        kv_transfer_params=None if params is None else params.to_kv_transfer_params(),
         status=RequestStatus.FINISHED_STOPPED)
 
 
 @pytest.fixture
 def sched():
     s = SessionScheduler(SimpleNamespace(cache_config=SimpleNamespace(block_size=BS),
-                                         model_config=SimpleNamespace(max_model_len=64)))
+                                         model_config=SimpleNamespace(max_model_len=64)),
+                         install_utility=False)
     s.block_pool = Pool(6)
     return s
 
@@ -58,11 +59,11 @@ def sched():
 def pin(sched, key, blocks, when):
     """A finished first turn of session `key` whose KV fills `blocks`."""
     n = len(blocks) * BS
-    r = req(f"{key}-1", range(100, 100 + n - 1), {"id": key, "name": f"s-{key}", "old_len": 0, "keep": None},
-            computed=n, output=[7])
+    r = req(f"{key}-1", range(100, 100 + n - 1),
+            TurnParams(key=key, turn=f"{key}-t1", old_len=0, name=f"s-{key}"), computed=n, output=[7])
     sched.on_new_request(r)
     sched.update_state_after_alloc(r, Blocks(blocks), 0)
-    assert sched.request_finished(r, blocks) == (False, {REPLY_KEY: n})
+    assert sched.request_finished(r, blocks) == (False, TurnReply(pinned=n).to_kv_transfer_params())
     sched.pinned[key].last_used = when
 
 
@@ -86,8 +87,8 @@ def test_a_session_with_a_request_in_the_engine_is_never_dropped(sched):
     pin(sched, "B", [2, 3], when=2.0)
     pin(sched, "C", [4], when=3.0)
     # A's next turn is in the engine: its pins are what it loads
-    a2 = req("A-2", [*range(100, 107), 7, 7, 50], {"id": "A", "old_len": 8, "keep": None},
-             max_tokens=14)  # 24 tokens: 6 blocks
+    a2 = req("A-2", [*range(100, 107), 7, 7, 50],
+             TurnParams(key="A", turn="A-t2", old_len=8, expect="A-t1"), max_tokens=14)  # 6 blocks
     sched.on_new_request(a2)
     assert sched.get_num_new_matched_tokens(a2, 0) == (8, False)
     assert set(sched.pinned) == {"A"}  # B and C were dropped, oldest first; A kept
@@ -101,13 +102,14 @@ def test_a_dropped_session_recomputes_and_says_so(sched):
     pin(sched, "C", [4], when=3.0)
     sched.get_num_new_matched_tokens(req("x", range(6)), 0)  # drops A
     a2 = req("A-2", [*range(100, 107), 7, 7, 50],
-             {"id": "A", "old_len": 8, "keep": [0, 1, 2, 3, 4, 5, 6, 7]}, computed=11, output=[9, 9])
+             TurnParams(key="A", turn="A-t2", old_len=8, keep=list(range(8)), expect="A-t1"),
+             computed=11, output=[9, 9])
     sched.on_new_request(a2)
     assert sched.get_num_new_matched_tokens(a2, 0) == (0, False)  # nothing to load: no wrong KV
     sched.update_state_after_alloc(a2, Blocks([0, 1, 5]), 0)
     assert sched.build_connector_meta(None).loads == []
     delay, reply = sched.request_finished(a2, [0, 1, 5])
-    assert reply == {REPLY_KEY: 11, RECOMPUTED_KEY: 8}
+    assert TurnReply.from_kv_transfer_params(reply) == TurnReply(pinned=11, recomputed=8)
     assert sched.pinned["A"].token_ids == a2.all_token_ids[:11]  # pinned again, going on
 
 
