@@ -218,6 +218,11 @@ def pool_size(block_pool) -> int:
     return int(getattr(block_pool, "num_gpu_blocks", 0) or 0)
 
 
+def usable_block_count(block_pool) -> int:
+    """Blocks requests and pins can hold: the pool less vLLM's null block."""
+    return pool_size(block_pool) - int(getattr(block_pool, "null_block", None) is not None)
+
+
 def block_table(blocks) -> list[int]:
     """Block ids of the `KVCacheBlocks` the scheduler hands to
     `update_state_after_alloc` (the request's whole table; one KV cache group)."""

@@ -96,6 +96,51 @@ def test_a_session_with_a_request_in_the_engine_is_never_dropped(sched):
     assert len(sched.build_connector_meta(None).loads) == 1
 
 
+def test_a_session_whose_own_pins_fill_the_pool_recomputes_instead_of_waiting(sched, caplog):
+    pin(sched, "A", [0, 1, 2, 3, 4, 5], when=1.0)  # A's last turn took the whole pool
+    a2 = req("A-2", [*range(100, 108), 50, 51],  # 8 kept tokens and 2 new: 3 blocks
+             TurnParams(key="A", turn="A-t2", old_len=24, keep=list(range(8)), expect="A-t1"))
+    sched.on_new_request(a2)
+    with caplog.at_level("WARNING", logger="vllm.sir_vllm.connector"):
+        assert sched.get_num_new_matched_tokens(a2, 0) == (0, False)  # recomputed, not a hang
+    assert sched.pinned == {} and sched.block_pool.get_num_free_blocks() == 6
+    assert "dropped the pinned KV of waiting session 's-A'" in caplog.text
+    sched.update_state_after_alloc(a2, Blocks([0, 1, 2]), 0)
+    assert sched.build_connector_meta(None).loads == []
+    assert sched.request_finished(a2, [0, 1, 2])[1] == TurnReply(
+        pinned=a2.num_computed_tokens, recomputed=8).to_kv_transfer_params()
+
+
+def test_waiting_sessions_pins_go_only_when_nothing_running_would_free_room(sched):
+    pin(sched, "A", [0, 1, 2], when=1.0)
+    pin(sched, "B", [3, 4, 5], when=2.0)
+    a2, b2 = (req(f"{k}-2", [*range(100, 108), *range(50, 58)],  # 4 blocks each
+                  TurnParams(key=k, turn=f"{k}-t2", old_len=12, keep=list(range(8)),
+                             expect=f"{k}-t1")) for k in "AB")
+    for r in (a2, b2):
+        sched.on_new_request(r)
+    # both wait; A's pins alone leave 3 blocks: B's go too (they would never leave)
+    assert sched.get_num_new_matched_tokens(a2, 0) == (0, False)
+    assert sched.pinned == {}
+
+
+def test_a_running_sessions_pins_are_waited_for(sched):
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    a2 = req("A-2", [*range(100, 104), 50], TurnParams(key="A", turn="A-t2", old_len=8,
+                                                      keep=list(range(4)), expect="A-t1"))
+    sched.on_new_request(a2)
+    assert sched.get_num_new_matched_tokens(a2, 0) == (4, False)
+    sched.update_state_after_alloc(a2, Blocks([4, 5]), 4)  # A's next turn runs
+    sched.block_pool.touch(sched.block_pool.blocks[4:6])
+    b2 = req("B-2", [*range(100, 107), 7, *range(50, 58)],  # 4 blocks: none free now
+             TurnParams(key="B", turn="B-t2", old_len=8, expect="B-t1"))
+    sched.on_new_request(b2)
+    # B2 waits: when A2 finishes, A's pins are idle and go, and B's own leave room
+    assert sched.get_num_new_matched_tokens(b2, 0) == (8, False)
+    assert set(sched.pinned) == {"A", "B"}
+
+
 def test_a_dropped_session_recomputes_and_says_so(sched):
     pin(sched, "A", [0, 1], when=1.0)
     pin(sched, "B", [2, 3], when=2.0)

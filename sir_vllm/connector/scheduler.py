@@ -14,7 +14,11 @@ Pins of idle sessions hold pool blocks. When a request arrives that the free
 blocks cannot hold (`get_num_new_matched_tokens`, called for every request the
 scheduler tries to admit, session or not), the least recently used *idle*
 sessions (no request of theirs in the engine) lose their pins until it fits,
-each with a log line. A dropped session's next turn finds no pins: its kept
+each with a log line. Pins of sessions whose next request waits in the
+engine stay, unless a request could never be allocated while they do (its
+own session's pins fill the pool, or several waiting sessions' do): then
+those go too, this request's own first, or it would wait forever. A
+dropped session's next turn finds no pins: its kept
 tokens are recomputed from their token ids (the prompt always carries them),
 and the reply says how many (`TurnReply.recomputed`). Never another session's
 KV: pins are keyed by the session's own key and tagged by turn, and blocks are
@@ -72,7 +76,8 @@ class SessionScheduler:
         self.block_pool = None
         self.pinned: dict[str, Pinned] = {}
         self.jobs: list[LoadJob] = []
-        self.active: dict[str, str] = {}  # request id -> session key, requests in the engine
+        self.active: dict[str, tuple[str, str]] = {}  # request id -> (key, load key), in the engine
+        self.allocated: set[str] = set()  # request ids the scheduler has given blocks
         self.recomputed: dict[str, int] = {}  # request id -> kept tokens found unpinned
         self.replies: OrderedDict[str, TurnReply] = OrderedDict()  # turn id -> reply
         self.dropped_total = 0
@@ -133,9 +138,33 @@ class SessionScheduler:
         need = -(-total // self.block_size) - num_computed_tokens // self.block_size
         return max(need, 1) + int(self.watermark * vllm_adapter.pool_size(self.block_pool))
 
+    def _blocks_now(self, request, num_computed_tokens: int) -> int:
+        """New blocks the request takes to be scheduled now (its prompt)."""
+        total = int(request.num_prompt_tokens)
+        if self.max_model_len:
+            total = min(total, self.max_model_len)
+        return max(-(-total // self.block_size) - num_computed_tokens // self.block_size, 1)
+
+    def _drop(self, key: str, request, free: int, need: int, why: str) -> int:
+        """Release `key`'s pins for `request` (a log line); the free blocks after."""
+        pin = self.pinned[key]
+        self._release(key)
+        self.dropped_total += 1
+        self.events.record_pins_dropped()
+        logger.warning(
+            "sir-vllm: KV pool full (%d free blocks, request %s needs %d): dropped the pinned KV "
+            "of %s session %r (key %s, %d blocks, unused %.1fs); its next turn recomputes its kept "
+            "tokens", free, vllm_adapter.request_id(request), need, why, pin.name, key,
+            len(pin.block_ids), time.monotonic() - pin.last_used)
+        return vllm_adapter.free_block_count(self.block_pool)
+
     def _make_room(self, request, num_computed_tokens: int) -> None:
         """Drop the pins of least recently used idle sessions until the free
-        blocks can hold `request` (or no idle session is left)."""
+        blocks can hold `request` (or no idle session is left). Then, if the
+        pins of sessions with a request in the engine leave too few blocks for
+        `request` ever to be scheduled, drop those of requests not yet given
+        blocks (this one's own first, then least recently used): waiting for
+        them would never end."""
         if not self.pinned or self.block_pool is None:
             return
         free = vllm_adapter.free_block_count(self.block_pool)
@@ -146,20 +175,24 @@ class SessionScheduler:
             return
         busy = {key for keys in self.active.values() for key in keys}
         idle = sorted((pin.last_used, key) for key, pin in self.pinned.items() if key not in busy)
-        now = time.monotonic()
-        for last_used, key in idle:
+        for _, key in idle:
             if free >= need:
-                break
-            blocks, name = len(self.pinned[key].block_ids), self.pinned[key].name
-            self._release(key)
-            self.dropped_total += 1
-            self.events.record_pins_dropped()
-            logger.warning(
-                "sir-vllm: KV pool full (%d free blocks, request %s needs %d): dropped the pinned KV "
-                "of idle session %r (key %s, %d blocks, idle %.1fs, least recently used); its next "
-                "turn recomputes its kept tokens", free, vllm_adapter.request_id(request), need, name,
-                key, blocks, now - last_used)
-            free = vllm_adapter.free_block_count(self.block_pool)
+                return
+            free = self._drop(key, request, free, need, "idle")  # least recently used first
+        now = self._blocks_now(request, num_computed_tokens)
+        usable = vllm_adapter.usable_block_count(self.block_pool)
+        own = set(self.active.get(vllm_adapter.request_id(request), ()))
+        running = {key for rid, keys in self.active.items() if rid in self.allocated
+                   for key in keys} - own
+        # the pins that stay until a request not yet given blocks runs (a
+        # running request's pins turn idle, so droppable, when it finishes)
+        stuck = sorted((key not in own, self.pinned[key].last_used, key)
+                       for key in busy - running if key in self.pinned)
+        for i, (_, _, key) in enumerate(stuck):
+            held = {b for _, _, k in stuck[i:] for b in self.pinned[k].block_ids}
+            if free >= now or usable - len(held) >= now:
+                return  # fits now, or once the running requests finish
+            free = self._drop(key, request, free, now, "waiting")
 
     # -- the engine utility (API process -> EngineCore, no request) -------
     def handle_query(self, command: str, argument=None):
@@ -223,6 +256,7 @@ class SessionScheduler:
         p = self.params(request)
         if p is None:
             return
+        self.allocated.add(vllm_adapter.request_id(request))
         sources = self._sources(request, p, quiet=True) or []
         kept = len(p.keep_indices())
         self.recomputed[vllm_adapter.request_id(request)] = kept - min(kept, len(sources))
@@ -249,6 +283,7 @@ class SessionScheduler:
     def request_finished(self, request, block_ids: list[int]):
         rid = vllm_adapter.request_id(request)
         self.active.pop(rid, None)
+        self.allocated.discard(rid)
         recomputed = self.recomputed.pop(rid, None) or 0
         p = self.params(request)
         if p is None:
