@@ -5,22 +5,41 @@ connection to either. A keep-alive connection stays on the process that
 accepted it, but the server closes it after 5 s idle (uvicorn's keep-alive)
 and the next one may land on the other process. A `ProcessClient` checks its
 connection before each request (a GET of a missing session: no engine work)
-and reconnects until it is back on its process."""
+and reconnects until it is back on its process.
+
+A `slow_reader` client takes only a few KB into its socket: once a stream it
+stops reading has filled that and the server's send buffers, the server's
+sends wait, so the turn (and its session's lease) lasts until the client
+reads on, however fast the engine generates."""
 
 from __future__ import annotations
 
+import socket
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import httpx
 
 REPLICA = "x-sir-replica"  # which API process answered (server.middleware)
 PROBE = "/v1/sessions/probe"
+SMALL_RECEIVE_BUFFER = 4096  # bytes (the kernel doubles it)
 
 
-def _connect(url: str, wanted: set[str] | None, count: int, tries: int) -> dict[str, httpx.Client]:
+def plain_client() -> httpx.Client:
+    return httpx.Client(timeout=300)
+
+
+def slow_reader() -> httpx.Client:
+    """A client whose streams, when it stops reading, stall the server's sends."""
+    options = [(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER)]
+    return httpx.Client(timeout=300, transport=httpx.HTTPTransport(socket_options=options))
+
+
+def _connect(url: str, wanted: set[str] | None, count: int, tries: int,
+             make: Callable[[], httpx.Client] = plain_client) -> dict[str, httpx.Client]:
     """Keep-alive clients on `count` different processes (of `wanted`, when given)."""
     def probe(_):
-        c = httpx.Client(timeout=300)
+        c = make()
         return c, c.get(url + PROBE).headers[REPLICA]
 
     found: dict[str, httpx.Client] = {}
@@ -37,13 +56,14 @@ def _connect(url: str, wanted: set[str] | None, count: int, tries: int) -> dict[
 class ProcessClient:
     """An httpx client whose requests all reach one API process."""
 
-    def __init__(self, url: str, process: str, client: httpx.Client):
-        self.url, self.process, self._client = url, process, client
+    def __init__(self, url: str, process: str, client: httpx.Client,
+                 make: Callable[[], httpx.Client] = plain_client):
+        self.url, self.process, self._client, self._make = url, process, client, make
 
     def on_its_process(self) -> httpx.Client:
         if self._client.get(self.url + PROBE).headers[REPLICA] != self.process:
             self._client.close()  # the idle connection was closed; a new one went elsewhere
-            self._client = _connect(self.url, {self.process}, 1, 64)[self.process]
+            self._client = _connect(self.url, {self.process}, 1, 64, self._make)[self.process]
         return self._client
 
     def get(self, *args, **kw):
@@ -62,6 +82,8 @@ class ProcessClient:
         self._client.close()
 
 
-def clients_on_each_process(url: str, count: int = 2, tries: int = 64) -> list[ProcessClient]:
+def clients_on_each_process(url: str, count: int = 2, tries: int = 64,
+                            make: Callable[[], httpx.Client] = plain_client) -> list[ProcessClient]:
     """One client per API process, for `count` different processes."""
-    return [ProcessClient(url, who, c) for who, c in _connect(url, None, count, tries).items()]
+    return [ProcessClient(url, who, c, make)
+            for who, c in _connect(url, None, count, tries, make).items()]

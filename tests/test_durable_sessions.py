@@ -16,7 +16,7 @@ import pytest
 
 from sir_vllm.server.process import ServerProcess
 
-from api_processes import REPLICA, clients_on_each_process
+from api_processes import REPLICA, clients_on_each_process, slow_reader
 from redis_server import RedisServer
 
 POLICY = ["--kv-policy", "sirllm", "--kv-start-size", "4", "--kv-entropy-size", "60",
@@ -127,35 +127,30 @@ def test_one_session_on_two_api_processes(two_api_servers):
 def test_a_busy_session_is_a_409_from_either_process(two_api_servers):
     url = two_api_servers.url
     sid = f"busy-{uuid.uuid4().hex[:6]}"
+    probes = clients_on_each_process(url)  # connected first: the probes take no time
     holder, started, probed = {}, threading.Event(), threading.Event()
 
-    def long_turn():  # a long answer (in segments past the budget): a long lease
-        with httpx.Client(timeout=300) as h:
+    def long_turn():  # a long answer (in segments past the budget) its client stops reading
+        with slow_reader() as h:
             with h.stream("POST", url + "/v1/completions", json={
                     "model": "tiny", "prompt": "Go on.", "max_tokens": 3000, "temperature": 0.0,
                     "ignore_eos": True, "stream": True, "session_id": sid}) as r:
                 holder["by"] = r.headers[REPLICA]
                 started.set()
-                # not reading while the probes run: the server's sends stall once the
-                # socket's buffers are full, so the turn (and its lease) outlasts them
-                probed.wait(120)
-                for _ in r.iter_lines():
-                    pass
+                probed.wait(120)  # the server's sends stall: the turn cannot commit
+                holder["last"] = [line for line in r.iter_lines() if line.startswith("data:")][-1]
 
     t = threading.Thread(target=long_turn)
     t.start()
     assert started.wait(120)
-    refused_by, answers = set(), []
     try:
-        for _ in range(40):
-            r = turn(url, sid, " Again.")
-            answers.append((r.status_code, r.text))
-            refused_by.add(r.headers[REPLICA])
-            if len(refused_by) == 2:
-                break
+        answers = [(c.process, turn(url, sid, " Again.", client=c)) for c in probes]
     finally:
         probed.set()
         t.join()
-    assert all(status == 409 for status, _ in answers), answers
-    assert len(refused_by) == 2, refused_by  # the holder's process and the other one
+    assert [(who, r.headers[REPLICA], r.status_code) for who, r in answers] == [
+        (c.process, c.process, 409) for c in probes], [r.text for _, r in answers]
+    assert holder["by"] in {c.process for c in probes} and holder["last"] == "data: [DONE]"
+    for c in probes:
+        c.close()
     assert turn(url, sid, " Done.").status_code == 200  # the lease went with the turn

@@ -32,7 +32,7 @@ from sir_vllm.sessions import (MemoryStore, ServiceConfig, SessionError, Session
 from sir_vllm.sessions.engine import EngineError, EngineStreamError
 from sir_vllm.sessions.state import SessionState
 
-from api_processes import REPLICA, clients_on_each_process
+from api_processes import REPLICA, clients_on_each_process, slow_reader
 from fake_block_pool import Pool
 from fake_engine import FakeEngine
 
@@ -501,7 +501,7 @@ class Conversation:
 
     def __init__(self, url):
         self.url = url
-        self.clients = clients_on_each_process(url)
+        self.clients = clients_on_each_process(url, make=slow_reader)  # see stream()
         self.sent = 0
         self.sessions: list[tuple[str, dict, dict | None]] = []  # (id, session, the one it continued)
         self.replicas: set[str] = set()
@@ -572,13 +572,16 @@ class Conversation:
     def stream(self, sid, messages, max_tokens, while_streaming) -> dict:
         """A streamed turn read to its end on one API process, `while_streaming(the
         other process's client)` called after its first chunk; the session object
-        of its last chunk."""
+        of its last chunk. Until the client reads on, the turn cannot commit: its
+        chunks (20 top log-probs each) fill the slow reader's and the server's
+        buffers, and the server's sends wait."""
         client, other = self.clients
         rest: list[str] = []
 
         def call():
             with client.stream("POST", self.url + "/v1/chat/completions",
-                               json=self.body(sid, messages, max_tokens, stream=True)) as r:
+                               json=self.body(sid, messages, max_tokens, stream=True,
+                                             logprobs=True, top_logprobs=20)) as r:
                 assert r.status_code == 200
                 lines = r.iter_lines()
                 self._data(lines, 1)
@@ -697,3 +700,27 @@ def test_metrics_count_a_scripted_conversation_exactly(metrics_server):
     assert at("vllm:sir_sessions_live") == 0
     assert at("vllm:sir_sessions_pinned") == 0 and at("vllm:sir_pinned_kv_blocks") == 0
     assert sum(at("vllm:sir_turns_total", outcome=o) for o in OUTCOMES) == 11  # a GET is no turn
+
+
+def test_a_session_whose_turn_filled_the_pool_takes_its_next_turn(metrics_server):
+    """A first turn of ~460 tokens pins all 4 blocks of the pool; the next turn
+    needs one more, which only its own pins hold. They go (the kept tokens are
+    recomputed from their ids) rather than the turn waiting for ever."""
+    url = metrics_server.url
+
+    def post(messages, max_tokens):
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "session_id": "full"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    history = [user("Write a very long poem.")]
+    first = post(history, 440)
+    assert first["usage"]["total_tokens"] > 3 * BLOCK
+    history += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                user("Thanks.")]
+    second = post(history, 6)["session"]  # a timeout here: the turn waited on its own pins
+    assert second["turns"] == 2 and second["loaded_tokens"] == 0, second
+    assert 0 < second["recomputed_tokens"] <= second["budget"], second  # all it kept
+    assert httpx.delete(f"{url}/v1/sessions/full", timeout=60).status_code == 200
