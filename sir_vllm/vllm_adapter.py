@@ -162,9 +162,13 @@ def request_id(request) -> str:
     return request.request_id
 
 
+def prompt_length(request) -> int:
+    return int(request.num_prompt_tokens)
+
+
 def tokens_to_hold(request) -> int:
     """Prompt + max_tokens: the sequence length the request may grow to."""
-    return int(request.num_prompt_tokens) + int(request.max_tokens or 0)
+    return prompt_length(request) + int(request.max_tokens or 0)
 
 
 def kv_bytes_per_token(vllm_config) -> int:

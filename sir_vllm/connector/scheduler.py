@@ -130,20 +130,20 @@ class SessionScheduler:
             self.replies.popitem(last=False)
 
     # -- LRU dropping of idle sessions' pins -----------------------------
+    def _new_blocks(self, tokens: int, num_computed_tokens: int) -> int:
+        """Blocks beyond the computed ones that `tokens` tokens of a request take."""
+        if self.max_model_len:
+            tokens = min(tokens, self.max_model_len)
+        return max(-(-tokens // self.block_size) - num_computed_tokens // self.block_size, 1)
+
     def _blocks_needed(self, request, num_computed_tokens: int) -> int:
         """New blocks the request takes for its whole sequence (prompt + max_tokens)."""
-        total = vllm_adapter.tokens_to_hold(request)
-        if self.max_model_len:
-            total = min(total, self.max_model_len)
-        need = -(-total // self.block_size) - num_computed_tokens // self.block_size
-        return max(need, 1) + int(self.watermark * vllm_adapter.pool_size(self.block_pool))
+        return (self._new_blocks(vllm_adapter.tokens_to_hold(request), num_computed_tokens)
+                + int(self.watermark * vllm_adapter.pool_size(self.block_pool)))
 
     def _blocks_now(self, request, num_computed_tokens: int) -> int:
         """New blocks the request takes to be scheduled now (its prompt)."""
-        total = int(request.num_prompt_tokens)
-        if self.max_model_len:
-            total = min(total, self.max_model_len)
-        return max(-(-total // self.block_size) - num_computed_tokens // self.block_size, 1)
+        return self._new_blocks(vllm_adapter.prompt_length(request), num_computed_tokens)
 
     def _drop(self, key: str, request, free: int, need: int, why: str) -> int:
         """Release `key`'s pins for `request` (a log line); the free blocks after."""
