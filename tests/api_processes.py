@@ -35,12 +35,17 @@ def slow_reader() -> httpx.Client:
     return httpx.Client(timeout=300, transport=httpx.HTTPTransport(socket_options=options))
 
 
+def _process_of(client: httpx.Client, url: str) -> str:
+    """Which API process `client`'s connection is on (a GET of no session)."""
+    return client.get(url + PROBE).headers[REPLICA]
+
+
 def _connect(url: str, wanted: set[str] | None, count: int, tries: int,
              make: Callable[[], httpx.Client] = plain_client) -> dict[str, httpx.Client]:
     """Keep-alive clients on `count` different processes (of `wanted`, when given)."""
     def probe(_):
         c = make()
-        return c, c.get(url + PROBE).headers[REPLICA]
+        return c, _process_of(c, url)
 
     found: dict[str, httpx.Client] = {}
     with ThreadPoolExecutor(8) as pool:  # concurrent connects: every process accepts some
@@ -61,7 +66,7 @@ class ProcessClient:
         self.url, self.process, self._client, self._make = url, process, client, make
 
     def on_its_process(self) -> httpx.Client:
-        if self._client.get(self.url + PROBE).headers[REPLICA] != self.process:
+        if _process_of(self._client, self.url) != self.process:
             self._client.close()  # the idle connection was closed; a new one went elsewhere
             self._client = _connect(self.url, {self.process}, 1, 64, self._make)[self.process]
         return self._client
