@@ -1,7 +1,8 @@
 """Shared fixtures: the prepared model and the `vllm serve` processes.
 
-An engine takes about a minute to start on the CPU, so tests share two
-servers per test session: stock (`server`) and SirLLM (`session_server`).
+An engine takes one to three minutes to start on the CPU (about 50 s with
+`--enforce-eager`, 150 s compiled), so tests share two servers per test
+session: stock (`server`) and SirLLM (`session_server`).
 """
 
 from __future__ import annotations
@@ -54,9 +55,13 @@ def plugin_probe(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(bundled_model, plugin_probe, tmp_path_factory):
-    """`vllm serve` on the bundled model, started through the real CLI."""
+    """`vllm serve` on the bundled model, started through the real CLI.
+
+    `--enforce-eager`: compiling the model costs about 100 s of the start here
+    and its few requests gain nothing from it; `session_server` keeps vLLM's
+    default (compiled) path, the one `launch/serve.sh` runs."""
     proc = started_server(bundled_model, tmp_path_factory.mktemp("server"),
-                          [*CPU_DEFAULT_ARGS, "--max-model-len", "4096"],
+                          [*CPU_DEFAULT_ARGS, "--enforce-eager", "--max-model-len", "4096"],
                           env={"SIR_VLLM_PLUGIN_PROBE": str(plugin_probe)})
     yield proc
     proc.stop()

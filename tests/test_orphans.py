@@ -174,11 +174,13 @@ def _describe(pids) -> str:
     return "\n".join(lines)
 
 
-def test_kill_9_of_vllm_serve_leaves_no_process_of_it(tiny_model, tmp_path):
+def test_kill_9_of_vllm_serve_leaves_no_process_of_it(tiny_serving_model, tmp_path):
     probe = tmp_path / "plugin-loads.tsv"
     server = ServerProcess(
-        model=str(tiny_model), log_path=tmp_path / "vllm-serve.log", env={PROBE_ENV: str(probe)},
-        extra_args=["--dtype", "float32", "--kv-cache-memory-bytes", "256M", "--max-model-len", "1024"])
+        model=str(tiny_serving_model), log_path=tmp_path / "vllm-serve.log",
+        env={PROBE_ENV: str(probe)},
+        extra_args=["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "256M",
+                    "--max-model-len", "1024"])  # eager: the test reads processes, not speed
     server.start(timeout=float(os.environ.get("SIR_VLLM_SERVER_TIMEOUT", "900")))
     api = server.proc.pid
     try:

@@ -6,11 +6,16 @@ turns evict. The oracle replays the server's exact tokens (teacher-forced, so
 one near-tie cannot derail the rest) and, after every turn, must hold the same
 retained tokens, give every answer token's log-prob within 1e-3, and rank the
 server's token first (or within 1e-4 of its top).
+
+The three policies' server sessions run at once, as a chat service's do (the
+server never waits on the oracle: teacher forcing makes the oracle follow the
+server), so the engine batches them; each test then replays one of them.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -38,25 +43,52 @@ def retained_ids(server, session_id: str) -> list[int]:
     return [t["id"] for t in r.json()["tokens"]]
 
 
-@pytest.mark.parametrize("policy", [
-    make_policy("sirllm", start_size=4, entropy_size=64, recent_size=32, decay=1.0),
-    make_policy("sirllm", start_size=4, entropy_size=64, recent_size=32, decay=0.7),
-    make_policy("streaming", start_size=4, recent_size=96),
-], ids=["sirllm", "sirllm-decay0.7", "streaming"])
-def test_forty_turns_match_the_oracle(policy, session_server, bundled_model):
-    server = ServerReplayer(policy, str(bundled_model), session_server.url, SERVED_NAME)
+POLICIES = {
+    "sirllm": make_policy("sirllm", start_size=4, entropy_size=64, recent_size=32, decay=1.0),
+    "sirllm-decay0.7": make_policy("sirllm", start_size=4, entropy_size=64, recent_size=32,
+                                   decay=0.7),
+    "streaming": make_policy("streaming", start_size=4, recent_size=96),
+}
+TURNS = 40
+
+
+def served_session(policy, server, model: str) -> list[tuple]:
+    """One 40-turn session on the server: per turn, what it answered and the
+    token ids the session then retained (read before the next turn)."""
+    replayer = ServerReplayer(policy, model, server.url, SERVED_NAME)
+    try:
+        return [(replayer.turn(user, MAX_TOKENS)[0], retained_ids(server, replayer.session_id))
+                for user in user_turns(TURNS)]
+    finally:
+        replayer.close()
+
+
+@pytest.fixture(scope="module")
+def served(session_server, bundled_model):
+    """All three policies' sessions, in flight at once on the one server."""
+    with ThreadPoolExecutor(len(POLICIES)) as pool:
+        futures = {name: pool.submit(served_session, policy, session_server, str(bundled_model))
+                   for name, policy in POLICIES.items()}
+        return {name: f.exception() or f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_forty_turns_match_the_oracle(name, served, bundled_model):
+    policy, session = POLICIES[name], served[name]
+    if isinstance(session, BaseException):
+        raise session
     oracle = ReferenceReplayer(policy, str(bundled_model))
     evicting = 0
-    for i, user in enumerate(user_turns(40)):
-        served, _ = server.turn(user, MAX_TOKENS)
-        mine, turn = oracle.turn(user, MAX_TOKENS, forced=served.token_ids)
-        assert served.input_ids == mine.input_ids, f"turn {i}: different prompts"
-        assert served.retained == mine.retained <= policy.cache_size, f"turn {i}"
-        assert retained_ids(session_server, server.session_id) == oracle.session.ids, f"turn {i}"
-        for j, (tok, lp) in enumerate(zip(served.token_ids, served.logprobs)):
+    for i, (user, (turn_served, kept_ids)) in enumerate(zip(user_turns(TURNS), session)):
+        mine, turn = oracle.turn(user, MAX_TOKENS, forced=turn_served.token_ids)
+        assert turn_served.input_ids == mine.input_ids, f"turn {i}: different prompts"
+        assert turn_served.retained == mine.retained <= policy.cache_size, f"turn {i}"
+        assert kept_ids == oracle.session.ids, f"turn {i}"
+        for j, (tok, lp) in enumerate(zip(turn_served.token_ids, turn_served.logprobs)):
             assert abs(lp - turn.logprobs[j]) <= 1e-3, f"turn {i} token {j}"
             assert tok == turn.greedy_ids[j] or turn.top_logprobs[j] - turn.logprobs[j] <= 1e-4
         evicting += turn.kept is not None
+    assert len(session) == TURNS
     assert evicting >= 30  # the budget really is exercised
 
 

@@ -169,7 +169,7 @@ POOL_BLOCKS = 4  # one of them is vLLM's null block: three usable
 @pytest.fixture(scope="module")
 def pool_server(bundled_model, tmp_path_factory):
     proc = started_server(bundled_model, tmp_path_factory.mktemp("pool-server"),
-                          ["--dtype", "float32", "--kv-cache-memory-bytes",
+                          ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes",
                            str(POOL_BLOCKS * BLOCK_BYTES + BLOCK_BYTES // 2),
                            "--max-model-len", "256", *SESSION_POLICY_ARGS])
     yield proc
