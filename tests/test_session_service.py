@@ -479,6 +479,29 @@ def test_a_message_four_times_the_budget_runs_in_chunks_within_the_budget():
     assert before.key + "~long" not in engine.pins
 
 
+def test_a_first_turn_runs_whole_within_the_window_and_in_chunks_beyond_it():
+    """A first turn longer than the budget is fed whole while it fits the
+    model's window (as the reference code does); past the window, where one
+    engine request would fail, it runs in chunks like any long turn."""
+    engine = FakeEngine()
+    service = SessionService(MemoryStore(), engine, ServiceConfig(LONG, window=64),
+                             renderer=lambda: None)
+
+    async def go():
+        fits, _ = await complete(service, comp("fits", list(range(100, 150)), max_tokens=4))
+        fits_bodies = len(engine.bodies)
+        _, beyond = await complete(service, comp("beyond", list(range(100, 200)), max_tokens=4))
+        return fits_bodies, beyond, await service.store.get("t", "beyond")
+
+    fits_bodies, beyond, state = run(go())
+    assert fits_bodies == 1  # 50 + 4 <= 64: one request, though the budget is 40
+    passes = engine.bodies[1:]
+    assert beyond.session["chunks"] == len(passes) - 1 >= 100 // 9
+    assert all(len(b["prompt"]) <= 40 for b in passes)  # 100 + 4 > 64: never past the budget
+    assert [t for b in passes for t in b["prompt"]][:9] == list(range(100, 109))
+    assert state.head.size <= 40 and state.turns == 1
+
+
 def test_decay_applies_once_per_turn_not_per_chunk():
     decaying = make_policy("sirllm", start_size=4, entropy_size=36, recent_size=0, decay=0.5)
     service, _, store = make_service(policy=decaying)
