@@ -28,10 +28,11 @@ def renderer(bundled_model):
     return ChatRenderer(AutoTokenizer.from_pretrained(str(bundled_model)))
 
 
-def make_service(renderer=None, engine=None, limits=None, rollback=4, policy=POLICY, clock=None):
+def make_service(renderer=None, engine=None, limits=None, rollback=4, policy=POLICY, clock=None,
+                 window=None):
     engine = engine or FakeEngine()
     store = MemoryStore(limits, clock=clock) if clock else MemoryStore(limits)
-    service = SessionService(store, engine, ServiceConfig(policy, rollback),
+    service = SessionService(store, engine, ServiceConfig(policy, rollback, window=window),
                              renderer=lambda: renderer)
     store.on_drop = service.on_store_drop
     return service, engine, store
@@ -483,15 +484,13 @@ def test_a_first_turn_runs_whole_within_the_window_and_in_chunks_beyond_it():
     """A first turn longer than the budget is fed whole while it fits the
     model's window (as the reference code does); past the window, where one
     engine request would fail, it runs in chunks like any long turn."""
-    engine = FakeEngine()
-    service = SessionService(MemoryStore(), engine, ServiceConfig(LONG, window=64),
-                             renderer=lambda: None)
+    service, engine, store = make_service(policy=LONG, window=64)
 
     async def go():
-        fits, _ = await complete(service, comp("fits", list(range(100, 150)), max_tokens=4))
+        await complete(service, comp("fits", list(range(100, 150)), max_tokens=4))
         fits_bodies = len(engine.bodies)
         _, beyond = await complete(service, comp("beyond", list(range(100, 200)), max_tokens=4))
-        return fits_bodies, beyond, await service.store.get("t", "beyond")
+        return fits_bodies, beyond, await store.get("t", "beyond")
 
     fits_bodies, beyond, state = run(go())
     assert fits_bodies == 1  # 50 + 4 <= 64: one request, though the budget is 40
