@@ -7,14 +7,20 @@ and the next one may land on the other process. A `ProcessClient` checks its
 connection before each request (a GET of a missing session: no engine work)
 and reconnects until it is back on its process.
 
-A `slow_reader` client takes only a few KB into its socket: once a stream it
-stops reading has filled that and the server's send buffers, the server's
-sends wait, so the turn (and its session's lease) lasts until the client
-reads on, however fast the engine generates."""
+A `bounded_reader` client fixes its socket's receive buffer (512 KiB: the
+kernel doubles what it asks for), so that a stream it stops reading stalls
+the server's sends once the server's send buffer (up to `tcp_wmem`'s maximum,
+4 MiB here on loopback) and that receive buffer are full: `stall_bound()`
+bytes. A stream several times that bound keeps its turn (and its session's
+lease) open until the client reads on, however fast the engine generates; a
+test that needs the stall checks the bytes it streamed against the bound.
+The buffer is small enough to bound the stall and large enough to read a
+stream at loopback speed (4 KiB took 441 s to read 17 MB; a plain client 17 s)."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -22,17 +28,30 @@ import httpx
 
 REPLICA = "x-sir-replica"  # which API process answered (server.middleware)
 PROBE = "/v1/sessions/probe"
-SMALL_RECEIVE_BUFFER = 4096  # bytes (the kernel doubles it)
+RECEIVE_BUFFER = 256 * 1024  # bytes asked for (the kernel doubles it)
 
 
 def plain_client() -> httpx.Client:
     return httpx.Client(timeout=300)
 
 
-def slow_reader() -> httpx.Client:
-    """A client whose streams, when it stops reading, stall the server's sends."""
-    options = [(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER)]
+def bounded_reader() -> httpx.Client:
+    """A client whose streams, when it stops reading, stall the server's sends
+    after `stall_bound()` bytes."""
+    options = [(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)]
     return httpx.Client(timeout=300, transport=httpx.HTTPTransport(socket_options=options))
+
+
+def _kernel_limit(name: str) -> int:
+    return int(Path("/proc/sys/net", name).read_text().split()[-1])
+
+
+def stall_bound() -> int:
+    """The most bytes of a stream a server can send to a `bounded_reader` that
+    reads nothing: its send buffer at `tcp_wmem`'s maximum, plus the reader's
+    receive buffer (its request, capped by `rmem_max`, doubled)."""
+    receive = 2 * min(RECEIVE_BUFFER, _kernel_limit("core/rmem_max"))
+    return _kernel_limit("ipv4/tcp_wmem") + receive
 
 
 def _process_of(client: httpx.Client, url: str) -> str:

@@ -10,13 +10,14 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from sir_vllm.server.process import ServerProcess
 
-from api_processes import REPLICA, clients_on_each_process, slow_reader
+from api_processes import REPLICA, bounded_reader, clients_on_each_process, stall_bound
 from redis_server import RedisServer
 
 POLICY = ["--kv-policy", "sirllm", "--kv-start-size", "4", "--kv-entropy-size", "60",
@@ -24,6 +25,7 @@ POLICY = ["--kv-policy", "sirllm", "--kv-start-size", "4", "--kv-entropy-size", 
 BASE = ["--dtype", "float32", "--kv-cache-memory-bytes", "256M", "--max-model-len", "1024",
         "--enforce-eager"]
 NO_EVICTION = {"name": "sirllm", "start_size": 4, "entropy_size": 900, "recent_size": 0}
+LOGPROBS = 200  # per token of the busy test's long answer: ~15 MB of stream in all
 PROMPTS = ["The quick brown fox", " jumps over the lazy dog.", " Then it sleeps.", " And wakes up."]
 
 
@@ -100,7 +102,8 @@ def redis_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_api_servers(tiny_serving_model, tmp_path_factory, redis_url):
     proc = serve(tiny_serving_model, tmp_path_factory.mktemp("two-api"), "two-api",
-                 "--api-server-count", "2", "--kv-session-store", redis_url)
+                 "--api-server-count", "2", "--kv-session-store", redis_url,
+                 "--max-logprobs", str(LOGPROBS))
     yield proc
     proc.stop()
 
@@ -127,30 +130,43 @@ def test_one_session_on_two_api_processes(two_api_servers):
 def test_a_busy_session_is_a_409_from_either_process(two_api_servers):
     url = two_api_servers.url
     sid = f"busy-{uuid.uuid4().hex[:6]}"
-    probes = clients_on_each_process(url)  # connected first: the probes take no time
     holder, started, probed = {}, threading.Event(), threading.Event()
 
     def long_turn():  # a long answer (in segments past the budget) its client stops reading
-        with slow_reader() as h:
+        # Its chunks (LOGPROBS log-probs a token) add up to several times what the
+        # server's send buffer and the reader's receive buffer hold (api_processes),
+        # so the turn cannot commit until the reader reads on, after the probes.
+        with bounded_reader() as h:
             with h.stream("POST", url + "/v1/completions", json={
                     "model": "tiny", "prompt": "Go on.", "max_tokens": 3000, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True, "session_id": sid}) as r:
+                    "ignore_eos": True, "stream": True, "logprobs": LOGPROBS,
+                    "session_id": sid}) as r:
                 holder["by"] = r.headers[REPLICA]
                 started.set()
-                probed.wait(120)  # the server's sends stall: the turn cannot commit
-                holder["last"] = [line for line in r.iter_lines() if line.startswith("data:")][-1]
+                probed.wait(120)
+                lines = list(r.iter_lines())
+                holder["bytes"] = sum(len(line) + 1 for line in lines)
+                holder["last"] = [line for line in lines if line.startswith("data:")][-1]
 
     t = threading.Thread(target=long_turn)
     t.start()
     assert started.wait(120)
+    # Probes on new connections, 8 at a time, until both processes have answered:
+    # the holder's process is busy with its log-probs, so a kept-alive client could
+    # not be held to it (its idle connection closes late and the next lands elsewhere).
+    answers: dict[str, list[int]] = {}
     try:
-        answers = [(c.process, turn(url, sid, " Again.", client=c)) for c in probes]
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(8):
+                for r in pool.map(lambda _: turn(url, sid, " Again."), range(8)):
+                    answers.setdefault(r.headers[REPLICA], []).append(r.status_code)
+                if len(answers) == 2:
+                    break
     finally:
         probed.set()
         t.join()
-    assert [(who, r.headers[REPLICA], r.status_code) for who, r in answers] == [
-        (c.process, c.process, 409) for c in probes], [r.text for _, r in answers]
-    assert holder["by"] in {c.process for c in probes} and holder["last"] == "data: [DONE]"
-    for c in probes:
-        c.close()
+    stall = 2 * stall_bound()  # what the 409s rely on: the holder's sends waited for its reader
+    assert holder["bytes"] > stall, f"the holder streamed {holder['bytes']} B: raise LOGPROBS"
+    assert len(answers) == 2 and {c for codes in answers.values() for c in codes} == {409}, answers
+    assert holder["by"] in answers and holder["last"] == "data: [DONE]"
     assert turn(url, sid, " Done.").status_code == 200  # the lease went with the turn

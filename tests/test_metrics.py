@@ -32,7 +32,7 @@ from sir_vllm.sessions import (MemoryStore, ServiceConfig, SessionError, Session
 from sir_vllm.sessions.engine import EngineError, EngineStreamError
 from sir_vllm.sessions.state import SessionState
 
-from api_processes import REPLICA, clients_on_each_process, slow_reader
+from api_processes import REPLICA, bounded_reader, clients_on_each_process, stall_bound
 from fake_block_pool import Pool
 from fake_engine import FakeEngine
 
@@ -471,12 +471,13 @@ BLOCK = 128
 BYTES_PER_TOKEN = 2 * 2 * 2 * 64 * 4  # K and V x 2 layers x 2 KV heads x head_dim 64 x fp32
 POOL_BLOCKS = 5  # 4 usable: vLLM keeps one null block
 TTL_S = 40  # longer than any session of the script idles; its end waits it out
+TOP_LOGPROBS = 400  # per chunk of D's stream: ~39 KB each, ~17 MB in all (Conversation.stream)
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK),
                "--kv-cache-memory-bytes", str(POOL_BLOCKS * BLOCK * BYTES_PER_TOKEN),
                "--max-model-len", str(4 * BLOCK),
                "--kv-policy", "sirllm", "--kv-start-size", "4", "--kv-entropy-size", "32",
                "--kv-recent-size", "16", "--kv-max-sessions", "2", "--kv-session-ttl", str(TTL_S),
-               "--api-server-count", "2"]
+               "--api-server-count", "2", "--max-logprobs", str(TOP_LOGPROBS)]
 WIDE = {"name": "sirllm", "start_size": 4, "entropy_size": 300, "recent_size": 0}  # room to stream
 
 
@@ -501,13 +502,14 @@ class Conversation:
 
     def __init__(self, url):
         self.url = url
-        self.clients = clients_on_each_process(url, make=slow_reader)  # see stream()
+        self.clients = clients_on_each_process(url, make=bounded_reader)  # see stream()
         self.sent = 0
         self.sessions: list[tuple[str, dict, dict | None]] = []  # (id, session, the one it continued)
         self.replicas: set[str] = set()
         self.last_seen: dict[str, float] = {}  # session id -> when its last request was sent
         self.last_answered: dict[str, float] = {}  # ... and when it was answered
         self.longest_idle = 0.0
+        self.streamed_bytes = 0  # what stream() read after its probe
 
     def body(self, sid, messages, max_tokens=6, **extra):
         return {"model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -573,20 +575,25 @@ class Conversation:
         """A streamed turn read to its end on one API process, `while_streaming(the
         other process's client)` called after its first chunk; the session object
         of its last chunk. Until the client reads on, the turn cannot commit: its
-        chunks (20 top log-probs each) fill the slow reader's and the server's
-        buffers, and the server's sends wait."""
+        chunks (TOP_LOGPROBS log-probs each) add up to several times what the
+        server's send buffer and the reader's receive buffer hold (`stall_bound`),
+        so the server's sends wait (the bytes it streamed are
+        in `streamed_bytes`, for the test to check that premise)."""
         client, other = self.clients
         rest: list[str] = []
 
         def call():
             with client.stream("POST", self.url + "/v1/chat/completions",
-                               json=self.body(sid, messages, max_tokens, stream=True,
-                                             logprobs=True, top_logprobs=20)) as r:
+                               json=self.body(sid, messages, max_tokens, stream=True, logprobs=True,
+                                             top_logprobs=TOP_LOGPROBS)) as r:
                 assert r.status_code == 200
                 lines = r.iter_lines()
                 self._data(lines, 1)
                 while_streaming(other)
-                rest.extend(line[5:].strip() for line in lines if line.startswith("data:"))
+                for line in lines:
+                    self.streamed_bytes += len(line) + 1
+                    if line.startswith("data:"):
+                        rest.append(line[5:].strip())
                 return r
 
         self._timed(sid, call)
@@ -631,6 +638,8 @@ def test_metrics_count_a_scripted_conversation_exactly(metrics_server):
     d1 = c.stream("D", [user("Write a very long poem.")], 440,
                   while_streaming=lambda other: conflicts.append(
                       c.post("D", [user("Another.")], client=other)))
+    stall = 2 * stall_bound()  # what the 409 relies on: D's sends waited for its reader
+    assert c.streamed_bytes > stall, f"D streamed {c.streamed_bytes} B: raise TOP_LOGPROBS"
     assert [r.status_code for r in conflicts] == [409] and d1["turns"] == 1
     # B again: D's pins go for it; B's own were dropped, so its kept tokens are recomputed
     _, b3 = c.turn("B", [user("What is my name?")], base=b1)
