@@ -54,6 +54,12 @@ def stall_bound() -> int:
     return _kernel_limit("ipv4/tcp_wmem") + receive
 
 
+def stalled(streamed: int) -> bool:
+    """Whether a stream of `streamed` bytes to a `bounded_reader` is more than
+    twice `stall_bound()`: so the server's sends waited for the reader."""
+    return streamed > 2 * stall_bound()
+
+
 def _process_of(client: httpx.Client, url: str) -> str:
     """Which API process `client`'s connection is on (a GET of no session)."""
     return client.get(url + PROBE).headers[REPLICA]

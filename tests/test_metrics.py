@@ -32,7 +32,7 @@ from sir_vllm.sessions import (MemoryStore, ServiceConfig, SessionError, Session
 from sir_vllm.sessions.engine import EngineError, EngineStreamError
 from sir_vllm.sessions.state import SessionState
 
-from api_processes import REPLICA, bounded_reader, clients_on_each_process, stall_bound
+from api_processes import REPLICA, bounded_reader, clients_on_each_process, stall_bound, stalled
 from fake_block_pool import Pool
 from fake_engine import FakeEngine
 
@@ -638,8 +638,9 @@ def test_metrics_count_a_scripted_conversation_exactly(metrics_server):
     d1 = c.stream("D", [user("Write a very long poem.")], 440,
                   while_streaming=lambda other: conflicts.append(
                       c.post("D", [user("Another.")], client=other)))
-    stall = 2 * stall_bound()  # what the 409 relies on: D's sends waited for its reader
-    assert c.streamed_bytes > stall, f"D streamed {c.streamed_bytes} B: raise TOP_LOGPROBS"
+    # what the 409 relies on: D's sends waited for its reader
+    assert stalled(c.streamed_bytes), \
+        f"D streamed {c.streamed_bytes} B, bound {stall_bound()} B: raise TOP_LOGPROBS"
     assert [r.status_code for r in conflicts] == [409] and d1["turns"] == 1
     # B again: D's pins go for it; B's own were dropped, so its kept tokens are recomputed
     _, b3 = c.turn("B", [user("What is my name?")], base=b1)
