@@ -400,6 +400,16 @@ def test_processes_taking_turns_on_shared_sessions_never_lose_one(shared_spec):
     assert sum(d["refused"] for d in done) > 0  # they did contend
 
 
+def test_processes_opening_a_fresh_sqlite_file_at_once_all_open_it(tmp_path):
+    """Three processes open one new file at the same instant, 80 times over:
+    each opening succeeds (SQLite refuses all but one switch to WAL without
+    waiting; CI saw a child die of "database is locked")."""
+    child = spawn("open-race", str(tmp_path), "80")
+    out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == 0, err
+    assert json.loads(out) == {"opened": 240, "failed": []}
+
+
 def test_sqlite_without_a_path_lives_under_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SIR_VLLM_CACHE", str(tmp_path))
     store = make_store("sqlite")
@@ -566,9 +576,53 @@ def test_the_service_gives_the_same_turns_on_every_backend(shared_spec, renderer
 # ---- the child process's side ----------------------------------------------------------------
 
 def child_main(argv: list[str]) -> None:
-    """Entry point of the processes `spawn` starts: `share SPEC` or `turns SPEC N`."""
+    """Entry point of the processes `spawn` starts: `share SPEC`, `turns SPEC N`,
+    `race SPEC WHO` or `open-race FOLDER ROUNDS`."""
     command, spec, *rest = argv
+    if command == "open-race":
+        return child_open_race(spec, *rest)
     run({"share": child_share, "turns": child_turns, "race": child_race}[command](spec, *rest))
+
+
+def child_open_race(folder: str, rounds: str, openers: int = 3) -> None:
+    """Per round, `openers` forked processes open one new sqlite file at a
+    signal and put a state; prints how many opened and the errors of the
+    others. (An Event wakes them together; a Barrier releases them one by
+    one, too far apart to race.)"""
+    import multiprocessing
+    import traceback
+
+    fork = multiprocessing.get_context("fork")  # this child has no threads yet
+
+    def open_and_put(path: str, ready, go) -> None:
+        store, state = open_store(f"sqlite:{path}"), sample_state("s")
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(asyncio.sleep(0))  # the loop is ready before the signal
+        ready.release()
+        go.wait()
+        try:
+            loop.run_until_complete(store.put(state))
+            loop.run_until_complete(store.close())
+        except Exception:
+            with open(f"{path}.{os.getpid()}.err", "w") as f:
+                f.write(traceback.format_exc(limit=1))
+            os._exit(1)
+
+    opened_ok = 0
+    for r in range(int(rounds)):
+        ready, go = fork.Semaphore(0), fork.Event()
+        procs = [fork.Process(target=open_and_put, args=(f"{folder}/{r}.sqlite3", ready, go))
+                 for _ in range(openers)]
+        for proc in procs:
+            proc.start()
+        for _ in procs:
+            ready.acquire()
+        go.set()
+        for proc in procs:
+            proc.join()
+        opened_ok += sum(proc.exitcode == 0 for proc in procs)
+    failed = [p.read_text() for p in sorted(Path(folder).glob("*.err"))]
+    print(json.dumps({"opened": opened_ok, "failed": failed}), flush=True)
 
 
 async def child_share(spec: str) -> None:

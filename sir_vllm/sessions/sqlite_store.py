@@ -55,6 +55,8 @@ from sir_vllm.sessions.store import (Lease, SessionStore, StoreLimits, fault_poi
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
+# What a lock held by another connection raises (Python's `sqlite_errorname`).
+BUSY_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_RECOVERY", "SQLITE_BUSY_SNAPSHOT")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -103,20 +105,45 @@ class SqliteStore(SessionStore):
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        """A set-up connection, retried while another process holds the file's lock.
+
+        Two processes opening a fresh file at once both switch it to WAL, and
+        SQLite answers the loser "database is locked" without calling the busy
+        handler (CI saw it; here 14-29 of 200 such openings); so the set-up
+        waits, as `busy_timeout` would, up to BUSY_TIMEOUT_S."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.005
+        while True:
             # isolation_level=None: no implicit transactions, each one is explicit below.
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            try:
+                self._set_up(conn)
+                return conn
+            except sqlite3.OperationalError as e:
                 conn.close()
-                raise RuntimeError(f"{self.path}: session store schema {version}, this sir-vllm "
-                                   f"reads {SCHEMA_VERSION}; point --kv-session-store elsewhere")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._conn = conn
-        return self._conn
+                if e.sqlite_errorname not in BUSY_ERRORS or time.monotonic() >= deadline:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")  # kept in the file: set once
+        conn.execute("PRAGMA synchronous = NORMAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise RuntimeError(f"{self.path}: session store schema {version}, this sir-vllm "
+                               f"reads {SCHEMA_VERSION}; point --kv-session-store elsewhere")
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _write(self, body: Callable[[sqlite3.Connection], object]):
         """`body` inside one BEGIN IMMEDIATE transaction: committed whole or rolled back."""
