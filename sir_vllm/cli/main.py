@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (api_memory_cmd, bench_cmd, compaction_cmd, compare_cmd, eval_cmd, fuzz_cmd, long_turn_cmd,
-               model_cmd, patches_cmd, plot_cmd, replay_cmd, serve_ray_cmd, soak_cmd, store_cmd)
+from . import (api_memory_cmd, bench_cmd, compaction_cmd, compare_cmd, eval_cmd, fuzz_cmd, grid_cmd,
+               long_turn_cmd, model_cmd, patches_cmd, plot_cmd, replay_cmd, serve_ray_cmd, soak_cmd, store_cmd)
 
-SUBCOMMANDS = [model_cmd, patches_cmd, eval_cmd, compare_cmd, plot_cmd, replay_cmd, bench_cmd, compaction_cmd,
-               api_memory_cmd, store_cmd, long_turn_cmd, serve_ray_cmd, fuzz_cmd, soak_cmd]
+SUBCOMMANDS = [model_cmd, patches_cmd, eval_cmd, compare_cmd, plot_cmd, grid_cmd, replay_cmd, bench_cmd,
+               compaction_cmd, api_memory_cmd, store_cmd, long_turn_cmd, serve_ray_cmd, fuzz_cmd, soak_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
