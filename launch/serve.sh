@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the OpenAI-compatible server on the bundled SmolLM2-135M-Instruct,
 # on 127.0.0.1:8000, with SirLLM session memory (4 sinks + 1020 tokens kept by
-# surprisal, the paper's setting), doing all set-up first. Extra arguments go
+# surprisal, the paper's setting, kept as the default by measurement: see
+# README, "Choosing the split"), doing all set-up first. Extra arguments go
 # to `vllm serve` and override these (e.g. --port 8001 --kv-decay 0.9).
 set -euo pipefail
 . "$(dirname "$0")/setup.sh"

@@ -77,8 +77,9 @@ def test_the_rule_keeps_memory_first_then_takes_the_lowest_perplexity():
 def test_a_split_missing_a_measure_does_not_compete():
     results = named([recall(sirllm(1020, 0), 0.5), recall(sirllm(508, 512), 0.5),
                      ppl(sirllm(1020, 0), 60.0)])
-    pick, _ = grid.choose(grid.build(results))
+    pick, why = grid.choose(grid.build(results))
     assert pick.share == 0  # 50% recent has no perplexity: it cannot win on it
+    assert "not compared, a measure missing: 50% recent (no ppl)" in why
     with pytest.raises(ValueError, match="nothing to choose from"):
         grid.choose(grid.build(named([recall(sirllm(1020, 0), 0.5), ppl(sirllm(508, 512), 14.0)])))
 

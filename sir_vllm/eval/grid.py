@@ -145,6 +145,10 @@ def choose(splits: list[Split], margin: float = 2.0) -> tuple[Split, str]:
         why += ("; left out for memory: " + ", ".join(
             f"{_name(s)} (" + ", ".join(f"{n} {s.values[n]:.1f}" for n in memory) + ")"
             for s in others))
+    missing = [s for s in splits if s not in complete]
+    if missing:
+        why += "; not compared, a measure missing: " + ", ".join(
+            f"{_name(s)} (no {', '.join(n for n in present if n not in s.values)})" for s in missing)
     return pick, why + "."
 
 
