@@ -121,10 +121,15 @@ def build(results: list[dict], k: int = 100, grocery_dialogues: int | None = Non
     return [splits[s] for s in sorted(splits)]
 
 
+def measured(splits: list[Split]) -> list[str]:
+    """The measures that at least one split has a figure for, in MEASURES' order."""
+    return [n for n in MEASURES if any(n in s.values for s in splits)]
+
+
 def choose(splits: list[Split], margin: float = 2.0) -> tuple[Split, str]:
     """The default by the module's rule, and the reason in words. Only splits
     measured on every measure present compete."""
-    present = [n for n in MEASURES if any(n in s.values for s in splits)]
+    present = measured(splits)
     complete = [s for s in splits if all(n in s.values for n in present)]
     if not complete:
         raise ValueError("no split has a result for every measure given "
@@ -156,20 +161,18 @@ def _name(s: Split) -> str:
     return f"{s.share:.0%} recent"
 
 
-def _fmt(name: str, value: float | None) -> str:
-    if value is None:
-        return "–"
+def _fmt(name: str, value: float) -> str:
     return f"{value:.2f}" if name == "ppl" else f"{value:.1f}"
 
 
 def table(splits: list[Split], k: int = 100, pick: Split | None = None) -> str:
     """Markdown: a row per recent share; each measure's figure with the split it was measured at."""
-    present = [n for n in MEASURES if any(n in s.values for s in splits)]
+    present = measured(splits)
     heads = [MEASURES[n][1].format(k=k) for n in present]
     lines = ["| recent share | " + " | ".join(heads) + " |", "|---|" + "---|" * len(present)]
     for s in splits:
         mark = " **(rule's pick)**" if s is pick else ""
-        cells = [f"{_fmt(n, s.values.get(n))} ({s.labels[n]})" if n in s.values else "–"
+        cells = [f"{_fmt(n, s.values[n])} ({s.labels[n]})" if n in s.values else "–"
                  for n in present]
         lines.append(f"| {s.share:.0%}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -183,7 +186,7 @@ def plot(splits: list[Split], path: Path, k: int = 100, pick: Split | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [n for n in MEASURES if any(n in s.values for s in splits)]
+    present = measured(splits)
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 4), squeeze=False)
     for ax, name in zip(axes[0], present):
         xs = [100 * s.share for s in splits if name in s.values]
