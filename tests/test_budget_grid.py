@@ -74,6 +74,19 @@ def test_the_rule_keeps_memory_first_then_takes_the_lowest_perplexity():
     assert grid.choose(splits, margin=1.0)[0].share == 0
 
 
+def test_when_no_split_keeps_all_memory_the_smallest_worst_shortfall_wins():
+    results = named([
+        recall(sirllm(1020, 0), 0.725), recall(sirllm(956, 64), 0.625), recall(streaming(1020), 0.275),
+        grocery(sirllm(508, 0), [True] * 39 + [False] * 11),      # 78.0
+        grocery(sirllm(476, 32), [True] * 41 + [False] * 9),      # 82.0
+        grocery(streaming(508), [True] * 15 + [False] * 35),      # 30.0
+        ppl(sirllm(1020, 0), 62.6), ppl(sirllm(956, 64), 19.9), ppl(streaming(1020), 13.6)])
+    pick, why = grid.choose(grid.build(results))
+    # 0% is 4 points short on Grocery, 5% is 10 short on recall: neither within 2
+    assert pick.share == 0 and "within 4 points" in why and "margin widened" in why
+    assert grid.choose(grid.build(results), margin=10)[0].share == 0.05  # both in: lower ppl wins
+
+
 def test_a_split_missing_a_measure_does_not_compete():
     results = named([recall(sirllm(1020, 0), 0.5), recall(sirllm(508, 512), 0.5),
                      ppl(sirllm(1020, 0), 60.0)])
