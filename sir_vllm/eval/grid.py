@@ -14,11 +14,11 @@ smallest worst shortfall any split has.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .report import read_results
 from .tasks import grocery_metrics
 
 # measure name -> (task, column heading, higher is better)
@@ -92,17 +92,8 @@ class Split:
 
 
 def load(paths: list[Path]) -> list[dict]:
-    results = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"no such result file: {path}")
-        result = json.loads(path.read_text())
-        if result.get("task") not in TASK_MEASURE:
-            raise ValueError(f"{path}: a {result.get('task')!r} result; eval-grid reads "
-                             f"{', '.join(TASK_MEASURE)} results")
-        result["_file"] = str(path)
-        results.append(result)
-    return results
+    return read_results(paths, tuple(TASK_MEASURE),
+                        f"eval-grid reads {', '.join(TASK_MEASURE)} results")
 
 
 def build(results: list[dict], k: int = 100, grocery_dialogues: int | None = None) -> list[Split]:

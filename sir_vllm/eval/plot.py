@@ -8,25 +8,14 @@ the model's window) is a gap in its line and a "skipped" cell in the table.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .report import policy_label
+from .report import policy_label, read_results
 
 
 def load_results(paths: list[Path]) -> list[dict]:
-    results = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such result file: {path}")
-        result = json.loads(path.read_text())
-        if result.get("task") != "recall-distance":
-            raise ValueError(f"{path}: a {result.get('task')!r} result; eval-plot draws "
-                             f"recall-distance results")
-        results.append(result)
-    return results
+    return read_results(paths, ("recall-distance",), "eval-plot draws recall-distance results")
 
 
 def run_label(result: dict) -> str:

@@ -54,6 +54,22 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def read_results(paths: list[Path], tasks: tuple[str, ...], refusal: str) -> list[dict]:
+    """Result JSONs (`sir-vllm eval --out`) of the given tasks, each with its path
+    under `_file`; a missing file or another task's result is an error (`refusal`
+    says what the command takes)."""
+    results = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such result file: {path}")
+        result = json.loads(path.read_text())
+        if result.get("task") not in tasks:
+            raise ValueError(f"{path}: a {result.get('task')!r} result; {refusal}")
+        result["_file"] = str(path)
+        results.append(result)
+    return results
+
+
 def write_json(result: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

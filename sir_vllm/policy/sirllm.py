@@ -28,10 +28,9 @@ class SirLLMPolicy:
         Knob("entropy_size", int, 1020,
              "Tokens kept by score (surprisal, decayed every turn). Unless told otherwise they "
              "get the whole non-sink budget, chosen by measurement (docs/results.md, the budget's "
-             "split): "
-             "recall of a fact 100 turns back is 72.5% at 4+1020+0, 62.5% at 4+956+64 and 45% at "
-             "4+764+256; a recent window buys fluency instead (stream "
-             "perplexity 62.6, 19.9, 14.5)",
+             "split): recall of a fact 100 turns back is 72.5% at 4+1020+0, 62.5% at 4+956+64 and "
+             "45% at 4+764+256; a recent window buys fluency instead (stream perplexity 62.6, "
+             "19.9, 14.5)",
              budget=REST),
         Knob("recent_size", int, 0, "Most recent tokens kept", budget=PART),
         Knob("decay", float, 1.0, "Per-turn score decay, in (0, 1]"),
