@@ -3,15 +3,18 @@ streams and malformed requests between their turns, a kill -9 and restart on
 the same SQLite store halfway; 0 crashes, 0 5xx, turn counts that follow,
 retained tokens within the budget, and every KV block free once the sessions
 are deleted. The full run (8 sessions x 1,000 turns) is `sir-vllm bench-soak`
-(docs/sections/soak.md)."""
+(docs/results.md, "Soak"). The unit tests at the end check the aborting
+client's read-before-close, without a server."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 
 import pytest
 
-from sir_vllm.bench.soak import SoakConfig, failures, run_soak, summary
+from sir_vllm.bench.soak import DONE, DRAIN_GAP_S, Soak, SoakConfig, failures, run_soak, summary
 
 
 def soak(model, out, sessions: int, turns: int) -> dict:
@@ -37,3 +40,40 @@ def test_soak_with_a_restart(tiny_serving_model, tmp_path):
 @pytest.mark.slow
 def test_full_soak(tiny_serving_model, tmp_path):
     soak(tiny_serving_model, tmp_path, sessions=8, turns=1000)
+
+
+async def _lines(ready: list[str], later: list[str] = ()):
+    """SSE lines: `ready` already arrived, `later` only after a pause longer than the drain waits."""
+    for line in ready:
+        yield line
+    if later:
+        await asyncio.sleep(4 * DRAIN_GAP_S)
+    for line in later:
+        yield line
+
+
+def _data(event: dict) -> str:
+    return "data: " + json.dumps(event)
+
+
+def test_an_aborting_client_reads_a_whole_answer_that_already_arrived():
+    """A client behind the server holds the committed turn's end: the drain sees it."""
+    ready = [_data({"choices": [{"text": "a"}]}), "",
+             _data({"choices": [{"text": "b", "finish_reason": "length"}], "session": {"turns": 3}}), "", DONE]
+    line, end = asyncio.run(Soak._drain(_lines(ready)))
+    assert line == DONE and end["session"] == {"turns": 3}
+
+
+def test_an_aborting_client_stops_at_a_pause_and_leaves():
+    """The turn still running (a pause before its next event): the drain returns
+    without its end, so the client closes the stream."""
+    ready = [_data({"choices": [{"text": "a"}]}), ""]
+    later = [_data({"choices": [{"text": "b"}], "session": {"turns": 3}}), "", DONE]
+    line, end = asyncio.run(Soak._drain(_lines(ready, later)))
+    assert line != DONE and end is None
+
+
+def test_an_error_event_is_not_a_committed_turn():
+    ready = [_data({"error": {"message": "the engine stream ended without a finish", "code": 502}}), "", DONE]
+    line, end = asyncio.run(Soak._drain(_lines(ready)))
+    assert line == DONE and "error" in end and "session" not in end

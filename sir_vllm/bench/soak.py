@@ -33,11 +33,17 @@ from pathlib import Path
 from sir_vllm.bench import fuzz
 
 RESULTS = "soak.json"
-MAX_TURN_TOKENS = 4096  # --kv-max-turn-tokens: room for the long answers of the aborted streams
-# An aborted stream's answer: dozens of passes past the budget, seconds of work even on the
-# tiny model, so a client stalled a while between its last chunk and its close (a loaded
-# machine) still leaves before the turn's end
-ABORTED_ANSWER_TOKENS = 3072
+MAX_TURN_TOKENS = 16384  # --kv-max-turn-tokens: room for the long answers of the aborted streams
+# An aborted stream's answer: many passes past the budget, seconds of work even on the tiny
+# model, so the close comes long before the turn's end (an aborted turn costs only the
+# passes run before the server sees the close)
+ABORTED_ANSWER_TOKENS = 12288
+# Before it closes, an aborting client reads what has already arrived: a client that fell
+# behind the server (a loaded machine) may already hold the whole answer, a turn the server
+# committed. It stops at the first gap of DRAIN_GAP_S between events, or after DRAIN_MAX_S.
+DRAIN_GAP_S = 0.05
+DRAIN_MAX_S = 1.0
+DONE = "data: [DONE]"
 ZERO = ("crashes", "server_errors", "refused_turns", "turn_mismatches", "over_budget",
         "malformed_accepted", "malformed_without_reason")
 
@@ -90,6 +96,15 @@ def server_args(cfg: SoakConfig, model: Path) -> list[str]:
             *cfg.server_args]
 
 
+def _final_event(line: str) -> dict | None:
+    """The event of an SSE line that ends a turn: the committed turn's last (it
+    carries `session`) or an error; None for any other line."""
+    if not line.startswith("data: {") or ('"session"' not in line and '"error"' not in line):
+        return None
+    event = json.loads(line[6:])
+    return event if "session" in event or "error" in event else None
+
+
 def rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -128,6 +143,7 @@ class Soak:
         self.pins_dropped = 0.0
         self.rng = random.Random(cfg.seed)
         self.malformed: dict[str, list[fuzz.Case]] = {}
+        self.last_abort: dict[str, str] = {}  # session id -> its aborted stream since its last turn
 
     # -- the server ----------------------------------------------------------------
     def start_server(self):
@@ -195,13 +211,18 @@ class Soak:
         if s["retained_tokens"] > s["budget"] or s["budget"] > self.cfg.budget:
             self.fail("over_budget", f"{sid}: retained {s['retained_tokens']} of budget {s['budget']}")
         if s["turns"] != self.expected[sid]:
-            self.fail("turn_mismatches", f"{sid}: turns {s['turns']}, expected {self.expected[sid]}")
+            self.fail("turn_mismatches", f"{sid}: turns {s['turns']}, expected {self.expected[sid]} "
+                                         f"(last: {self.last_abort.get(sid, 'no aborted stream')}; "
+                                         f"this turn answered at {time.time():.3f})")
             self.expected[sid] = s["turns"]
+        self.last_abort.pop(sid, None)
 
     async def aborted_stream(self, client, sid: str) -> None:
-        """A stream closed after a chunk or two. Its answer is far longer than the
-        budget (a long turn, pass after pass), so the close comes before its end: a
-        turn it committed all the same is a mismatch in the next turn's count."""
+        """A stream closed after a chunk or two (and the events already there: a
+        client behind the server reads a turn the server finished, see DRAIN_GAP_S).
+        Its answer is far longer than the budget (a long turn, pass after pass), so
+        the close comes before its end: a turn it committed all the same is a
+        mismatch in the next turn's count."""
         body = self._body(sid, stream=True, max_tokens=ABORTED_ANSWER_TOKENS)
         after = self.rng.choice([1, 2, 3])
         try:
@@ -212,19 +233,41 @@ class Soak:
                         return self.fail("server_errors", f"stream of {sid}: {r.status_code} {text[:200]}")
                     self.counts[f"stream_{r.status_code}"] += 1  # 409: the session was busy
                     return
-                seen = 0
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        seen += 1
-                        if line == "data: [DONE]":  # it ended before we left: a committed turn
-                            self.expected[sid] = self.expected.get(sid, 0) + 1
-                            self.counts["streams_completed"] += 1
-                            return
-                        if seen >= after:
-                            self.counts["streams_aborted"] += 1
-                            return  # leaving the block closes the connection: the abort
+                lines = r.aiter_lines()
+                seen, line, end = 0, "", None
+                async for line in lines:
+                    seen += line.startswith("data: ")
+                    end = end or _final_event(line)
+                    if line == DONE or seen >= after:
+                        break
+                if line != DONE:
+                    line, drained = await self._drain(lines)
+                    end = end or drained
+                if line == DONE and end and "error" in end:
+                    return self.fail("server_errors", f"stream of {sid}: {json.dumps(end)[:200]}")
+                if line == DONE:  # it ended before we left: a committed turn
+                    self.expected[sid] = self.expected.get(sid, 0) + 1
+                    self.counts["streams_completed"] += 1
+                    return
+                self.counts["streams_aborted"] += 1
+                self.last_abort[sid] = f"aborted stream after {seen} events, closed at {time.time():.3f}"
+                # leaving the block closes the connection: the abort
         except Exception as e:
             self.fail("crashes", f"stream of {sid}: {type(e).__name__}: {e}")
+
+    @staticmethod
+    async def _drain(lines) -> tuple[str, dict | None]:
+        """Read the events already here (see DRAIN_GAP_S): the last line read, and
+        the turn's final event among them (`_final_event`)."""
+        line, end = "", None
+        try:
+            async with asyncio.timeout(DRAIN_MAX_S):
+                while line != DONE:
+                    line = await asyncio.wait_for(anext(lines), DRAIN_GAP_S)
+                    end = end or _final_event(line)
+        except (TimeoutError, StopAsyncIteration):
+            pass
+        return line, end
 
     async def malformed_request(self, client, sid: str) -> None:
         pool = self.malformed.get(sid)
