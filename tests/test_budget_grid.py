@@ -97,6 +97,16 @@ def test_a_split_missing_a_measure_does_not_compete():
         grid.choose(grid.build(named([recall(sirllm(1020, 0), 0.5), ppl(sirllm(508, 512), 14.0)])))
 
 
+def test_without_perplexity_the_split_that_remembers_most_wins():
+    """Both within the margin and no stream-ppl to trade for: the smaller
+    shortfall wins even at a larger recent share; an equal one, the smaller share."""
+    pick, why = grid.choose(grid.build(named([recall(sirllm(1020, 0), 0.60),
+                                              recall(sirllm(956, 64), 0.615)])))
+    assert pick.share == 0.05 and "no stream-ppl to weigh" in why
+    tie = grid.choose(grid.build(named([recall(sirllm(1020, 0), 0.6), recall(sirllm(956, 64), 0.6)])))[0]
+    assert tie.share == 0
+
+
 def test_grocery_reads_the_first_dialogues_when_asked():
     long = grocery(sirllm(508, 0), [True, True, False, False])       # 50% over 4, 100% over 2
     short = grocery(sirllm(380, 128), [False, True])                  # 50% over 2

@@ -7,9 +7,10 @@ non-sink budget given to recent tokens (SirLLM 4+764+256: 25%; StreamingLLM:
 100%), so a grid measured at budget 512 on one task and 1,024 on another still
 lines up. The rule that picks the default: a split qualifies when each memory
 figure (recall, Grocery) is within `margin` points of that figure's best split;
-of those, the lowest perplexity wins (ties: the smaller recent share). Where no
-split is within the margin on every memory figure, the margin widens to the
-smallest worst shortfall any split has.
+of those, the lowest perplexity wins (ties: the smaller recent share; with no
+perplexity results, the smallest worst shortfall wins). Where no split is
+within the margin on every memory figure, the margin widens to the smallest
+worst shortfall any split has.
 """
 
 from __future__ import annotations
@@ -139,15 +140,16 @@ def choose(splits: list[Split], margin: float = 2.0) -> tuple[Split, str]:
     ok = [s for s in complete if shortfall(s) <= reach + 1e-9]
     if "ppl" in present:
         pick = min(ok, key=lambda s: (s.values["ppl"], s.share))
-    else:
-        pick = min(ok, key=lambda s: s.share)
+    else:  # nothing to trade memory for: the one that remembers the most
+        pick = min(ok, key=lambda s: (shortfall(s), s.share))
     within = ", ".join(f"{n} within {reach:g} points of the best ({best[n]:.1f})" for n in memory)
     if reach > margin:
         within += f" (no split is within {margin:g} on every one; the margin widened to the smallest worst shortfall)"
     others = [s for s in complete if s not in ok]
     why = (f"{len(ok)} of {len(complete)} splits keep {within or 'every measure'}: "
            f"{', '.join(_name(s) for s in ok)}")
-    why += f"; the lowest stream-ppl among them: {_name(pick)}" if "ppl" in present else ""
+    why += (f"; the lowest stream-ppl among them: {_name(pick)}" if "ppl" in present
+            else f"; no stream-ppl to weigh, so the one nearest the best memory: {_name(pick)}")
     if others:
         why += ("; left out for memory: " + ", ".join(
             f"{_name(s)} (" + ", ".join(f"{n} {s.values[n]:.1f}" for n in memory) + ")"
