@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from sir_vllm.bench.soak import DONE, DRAIN_GAP_S, Soak, SoakConfig, failures, run_soak, summary
+from sir_vllm.bench.soak import DONE, DRAIN_GAP_S, DRAIN_MAX_S, Soak, SoakConfig, failures, run_soak, summary
 
 
 def soak(model, out, sessions: int, turns: int) -> dict:
@@ -71,6 +71,22 @@ def test_an_aborting_client_stops_at_a_pause_and_leaves():
     later = [_data({"choices": [{"text": "b"}], "session": {"turns": 3}}), "", DONE]
     line, end = asyncio.run(Soak._drain(_lines(ready, later)))
     assert line != DONE and end is None
+
+
+def test_an_aborting_client_leaves_a_stream_that_never_pauses():
+    """Events without a pause for longer than DRAIN_MAX_S: the drain stops at its deadline."""
+    async def endless():
+        while True:
+            await asyncio.sleep(DRAIN_GAP_S / 10)
+            yield _data({"choices": [{"text": "a"}]})
+
+    async def timed():
+        t0 = asyncio.get_running_loop().time()
+        out = await Soak._drain(endless())
+        return out, asyncio.get_running_loop().time() - t0
+
+    (line, end), took = asyncio.run(timed())
+    assert line != DONE and end is None and DRAIN_MAX_S <= took < DRAIN_MAX_S + 5
 
 
 def test_an_error_event_is_not_a_committed_turn():

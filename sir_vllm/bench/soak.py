@@ -260,11 +260,14 @@ class Soak:
         """Read the events already here (see DRAIN_GAP_S): the last line read, and
         the turn's final event among them (`_final_event`)."""
         line, end = "", None
+        # a deadline checked between reads, not an outer timeout: Python 3.11's
+        # wait_for swallows a cancel that lands as its read completes, so a
+        # stream sending without pause would be read to its end
+        deadline = time.monotonic() + DRAIN_MAX_S
         try:
-            async with asyncio.timeout(DRAIN_MAX_S):
-                while line != DONE:
-                    line = await asyncio.wait_for(anext(lines), DRAIN_GAP_S)
-                    end = end or _final_event(line)
+            while line != DONE and (left := deadline - time.monotonic()) > 0:
+                line = await asyncio.wait_for(anext(lines), min(DRAIN_GAP_S, left))
+                end = end or _final_event(line)
         except (TimeoutError, StopAsyncIteration):
             pass
         return line, end
