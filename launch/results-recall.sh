@@ -4,13 +4,14 @@
 # launch/results-server.sh (one `vllm serve --kv-policy sirllm`, --concurrency 8;
 # runs whose JSON exists are skipped), then draw every recall result there into
 # docs/results/server/recall-distance.png and its table (recall-distance.md).
-# Default names: the five policies, about an hour each on 2 cores (4.3 h in all).
+# Default names: the six policies, about an hour each on 2 cores (5.3 h in all;
+# several at once against one server finish sooner: docs/results/recall-commands.txt).
 set -euo pipefail
 . "$(dirname "$0")/setup.sh"
 cd "$SIR_VLLM_ROOT"
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(recall-sirllm recall-sirllm-d0.9 recall-streaming recall-full
-  recall-sirllm-764-256)
+  recall-sirllm-764-256 recall-sirllm-956-64)
 bash launch/results-server.sh "${names[@]}"
 out=docs/results/server
 mapfile -t runs < <(ls "$out"/recall-*-server.json 2>/dev/null)
