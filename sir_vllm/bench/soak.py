@@ -250,7 +250,7 @@ class Soak:
                     self.counts["streams_completed"] += 1
                     return
                 self.counts["streams_aborted"] += 1
-                self.last_abort[sid] = f"aborted stream after {seen} events, closed at {time.time():.3f}"
+                self.last_abort[sid] = f"aborted stream after {seen} events, closing at {time.time():.3f}"
                 # leaving the block closes the connection: the abort
         except Exception as e:
             self.fail("crashes", f"stream of {sid}: {type(e).__name__}: {e}")
