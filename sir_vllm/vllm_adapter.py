@@ -247,6 +247,12 @@ def kv_transfer_config(fields: dict):
     return KVTransferConfig(**fields)
 
 
+def connector_extra_config(vllm_config) -> dict:
+    """The connector's `kv_connector_extra_config` ({} when there is none)."""
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    return dict(getattr(transfer, "kv_connector_extra_config", None) or {})
+
+
 # --- the CPU engine's core reservation (vllm/utils/ompmultiprocessing.py) -----
 
 CPU_RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"

@@ -152,6 +152,7 @@ def test_apply_turns_the_flags_into_connector_middleware_and_settings(fresh_sett
     flags.apply_kv_policy_args(args)
     assert args.kv_transfer_config.kv_connector == flags.CONNECTOR_CLASS
     assert args.kv_transfer_config.kv_connector_extra_config["policy"]["recent_size"] == 60
+    assert args.kv_transfer_config.kv_connector_extra_config["max_running"] == 0  # off
     assert args.middleware == [flags.MIDDLEWARE]
     cur = fresh_settings.current
     assert cur.policy.to_dict() == make_policy("streaming", recent_size=60).to_dict()
@@ -160,6 +161,18 @@ def test_apply_turns_the_flags_into_connector_middleware_and_settings(fresh_sett
     assert cur.budget_limit() == 512
     flags.apply_kv_policy_args(args)  # a second call (another from_cli_args) changes nothing
     assert args.middleware == [flags.MIDDLEWARE]
+
+
+def test_max_running_reaches_the_connectors_config(fresh_settings, monkeypatch):
+    monkeypatch.setattr(flags.os, "environ", {})
+    for value, expected in (("auto", "auto"), ("16", 16)):
+        args = parse("--kv-policy", "sirllm", "--kv-max-running", value)
+        args.middleware = []
+        flags.apply_kv_policy_args(args)
+        assert fresh_settings.current.max_running == expected
+        assert args.kv_transfer_config.kv_connector_extra_config["max_running"] == expected
+    with pytest.raises(SystemExit):
+        parse("--kv-policy", "sirllm", "--kv-max-running", "-1")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sir_vllm.connector.metrics import (COMPACTIONS, PINS_DROPPED, RECOMPUTED_TOKENS,
+from sir_vllm.connector.metrics import (COMPACTIONS, PINS_DROPPED, RECOMPUTED_TOKENS, TURNS_HELD,
                                         CompactionTimer, SirConnectorStats)
 from sir_vllm.connector.protocol import EngineQuery, TurnParams, TurnReply
 from sir_vllm.policy import make_policy
@@ -236,15 +236,17 @@ def test_connector_stats_merge_take_and_summarize():
     worker.record_compaction(0.002, 40)
     scheduler.record_pins_dropped()
     scheduler.record_recomputed(17)
+    scheduler.record_turn_held()
     step = worker.take().aggregate(scheduler.take()).aggregate(SirConnectorStats())
     assert worker.is_empty() and scheduler.is_empty()  # handed over once
-    assert step.data == {COMPACTIONS: [[0.002, 40]], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 17}
+    assert step.data == {COMPACTIONS: [[0.002, 40]], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 17,
+                         TURNS_HELD: 1}
     later = SirConnectorStats(data=json.loads(json.dumps(step.to_dict())))  # across processes
     later.aggregate(SirConnectorStats(data={COMPACTIONS: [[0.004, 20]], PINS_DROPPED: 0,
                                             RECOMPUTED_TOKENS: 0}))
     assert later.reduce() == {"Compactions": 2, "Avg compaction (ms)": 3.0,
                               "Max compaction (ms)": 4.0, "Compacted tokens": 60,
-                              "Pins dropped": 1, "Recomputed tokens": 17}
+                              "Pins dropped": 1, "Recomputed tokens": 17, "Turns held": 1}
 
 
 def private(cls, registry):
@@ -272,7 +274,8 @@ def test_vllms_stat_loggers_drive_the_connectors_metrics():
     config = SimpleNamespace(kv_transfer_config=vllm_adapter.kv_transfer_config(
         kv_transfer_config(POLICY)))
     prom = Prom(config, ["model_name", "engine"], {0: [MODEL, "0"], 1: [MODEL, "1"]})
-    step = {COMPACTIONS: [[0.0004, 30], [0.003, 50]], PINS_DROPPED: 2, RECOMPUTED_TOKENS: 64}
+    step = {COMPACTIONS: [[0.0004, 30], [0.003, 50]], PINS_DROPPED: 2, RECOMPUTED_TOKENS: 64,
+            TURNS_HELD: 5}
     prom.observe(step, engine_idx=1)
     prom.observe({COMPACTIONS: [[0.00002, 8]], PINS_DROPPED: 0, RECOMPUTED_TOKENS: 0}, engine_idx=0)
 
@@ -286,6 +289,7 @@ def test_vllms_stat_loggers_drive_the_connectors_metrics():
     assert at("vllm:sir_compacted_tokens_total") == 80
     assert at("vllm:sir_pins_dropped_total") == 2 and at("vllm:sir_pins_dropped_total", "0") == 0
     assert at("vllm:sir_pin_miss_tokens_total") == 64
+    assert at("vllm:sir_turns_held_total") == 5 and at("vllm:sir_turns_held_total", "0") == 0
 
     logging_ = KVConnectorLogging(config.kv_transfer_config)
     logging_.observe(step)
@@ -294,7 +298,7 @@ def test_vllms_stat_loggers_drive_the_connectors_metrics():
     logging_.log(lambda fmt, *args: lines.append(fmt % args))
     assert lines == ["KV Transfer metrics: Compactions=3, Avg compaction (ms)=1.467, "
                      "Max compaction (ms)=3.0, Compacted tokens=90, Pins dropped=3, "
-                     "Recomputed tokens=64"]
+                     "Recomputed tokens=64, Turns held=5"]
 
 
 BS = 4
@@ -343,7 +347,7 @@ def test_the_scheduler_reports_pins_dropped_and_tokens_recomputed_once():
     connector = object.__new__(SirKVConnector)  # the connector's one hook, scheduler role
     connector._scheduler, connector._worker = sched, None
     stats = connector.get_kv_connector_stats()
-    assert stats.data == {COMPACTIONS: [], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 8}
+    assert stats.data == {COMPACTIONS: [], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 8, TURNS_HELD: 0}
     assert connector.get_kv_connector_stats() is None
     assert sched.handle_query(EngineQuery.STATS)["dropped_total"] == 1
 

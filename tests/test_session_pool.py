@@ -158,6 +158,97 @@ def test_a_dropped_session_recomputes_and_says_so(sched):
     assert sched.pinned["A"].token_ids == a2.all_token_ids[:11]  # pinned again, going on
 
 
+# ---- the admission rule (--kv-max-running): wait rather than drop idle pins --
+
+def capped(max_running):
+    s = SessionScheduler(SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=BS), model_config=SimpleNamespace(max_model_len=64),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"max_running": max_running})),
+        install_utility=False)
+    s.block_pool = Pool(6)
+    return s
+
+
+def running_turn(sched, key, blocks):
+    """Session `key`'s next turn, given `blocks` by the scheduler and running."""
+    r = req(f"{key}-run", range(200, 200 + len(blocks) * BS - 2),
+            TurnParams(key=key, turn=f"{key}-t9", old_len=0), computed=len(blocks) * BS - 1,
+            output=[7])
+    sched.on_new_request(r)
+    assert sched.get_num_new_matched_tokens(r, 0) == (0, False)
+    sched.update_state_after_alloc(r, Blocks(blocks), 0)
+    sched.block_pool.touch([sched.block_pool.blocks[b] for b in blocks])
+    return r
+
+
+def newcomer(key):
+    return req(f"{key}-1", range(300, 306), TurnParams(key=key, turn=f"{key}-t1", old_len=0,
+                                                       name=f"s-{key}"))  # 8 tokens: 2 blocks
+
+
+def test_a_turn_that_would_drop_idle_pins_waits_while_enough_turns_run():
+    sched = capped(1)
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    c = running_turn(sched, "C", [4])  # one session turn runs: the cap
+    d = newcomer("D")
+    sched.on_new_request(d)
+    for _ in range(3):  # vLLM asks again every step; held, nothing dropped
+        assert sched.get_num_new_matched_tokens(d, 0) == (None, False)
+    assert set(sched.pinned) == {"A", "B"}
+    assert sched.take_stats().data["turns_held"] == 1  # one turn held, however often asked
+    sched.request_finished(c, [4])  # C's turn ends: fewer than the cap run
+    sched.block_pool.free_blocks([sched.block_pool.blocks[4]])
+    assert sched.get_num_new_matched_tokens(d, 0) == (0, False)
+    assert set(sched.pinned) == {"B", "C"}  # then A, least recently used, goes as before
+
+
+def test_without_the_rule_or_with_room_a_turn_runs_at_once():
+    for max_running in (0, 1):
+        sched = capped(max_running)
+        pin(sched, "A", [0, 1], when=1.0)
+        running_turn(sched, "C", [4])
+        d = newcomer("D")
+        sched.on_new_request(d)
+        # three blocks free: D fits beside A's pins, whatever runs
+        assert sched.get_num_new_matched_tokens(d, 0) == (0, False)
+        assert set(sched.pinned) == {"A"}
+    sched = capped(0)
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    running_turn(sched, "C", [4])
+    d = newcomer("D")
+    sched.on_new_request(d)
+    assert sched.get_num_new_matched_tokens(d, 0) == (0, False)  # off: A's pins go at once
+    assert set(sched.pinned) == {"B"}
+
+
+def test_a_turn_already_given_blocks_never_waits():
+    """A preempted turn comes back through the waiting queue: holding it could
+    leave every running slot held by turns that wait on each other."""
+    sched = capped(1)
+    pin(sched, "A", [0, 1], when=1.0)
+    pin(sched, "B", [2, 3], when=2.0)
+    c = running_turn(sched, "C", [4, 5])
+    sched.block_pool.free_blocks([sched.block_pool.blocks[b] for b in (4, 5)])  # preempted
+    pin(sched, "E", [4, 5], when=3.0)
+    assert sched.get_num_new_matched_tokens(c, 0) == (0, False)
+    assert "A" not in sched.pinned
+
+
+def test_auto_gives_running_turns_half_the_pool():
+    from sir_vllm.connector.admission import AdmissionRule, parse_max_running
+
+    auto = AdmissionRule(parse_max_running("AUTO"))
+    assert auto.cap(usable_blocks=943, turn_blocks=22) == 21  # issue 14's pool at 64 sessions
+    assert auto.cap(usable_blocks=10, turn_blocks=50) == 1  # at least one turn runs
+    assert AdmissionRule(parse_max_running("16")).cap(943, 22) == 16
+    assert not AdmissionRule.from_extra_config({}).enabled
+    for bad in ("-1", "half", "1.5"):
+        with pytest.raises(ValueError, match="'auto' or an integer >= 0"):
+            parse_max_running(bad)
+
+
 # ---- through a real server with a three-block KV pool ----------------------
 
 BLOCK_TOKENS = 128

@@ -19,6 +19,8 @@ What goes this way is what happens in an engine step:
   same job at the same time.
 * `pins_dropped`: idle sessions whose pins the scheduler dropped because the
   pool could not hold a new request.
+* `turns_held`: session turns the admission rule (`--kv-max-running`) held
+  back at least once, rather than drop idle sessions' pins.
 * `recomputed_tokens`: kept tokens a session request found unpinned (pins
   dropped, an engine restart, a rollback of more than one turn), counted when
   the request finishes, committed by the API or not.
@@ -42,6 +44,8 @@ KVConnectorStats, KVConnectorPromMetrics, create_metric_per_engine = vllm_adapte
 COMPACTIONS = "compactions"
 PINS_DROPPED = "pins_dropped"
 RECOMPUTED_TOKENS = "recomputed_tokens"
+TURNS_HELD = "turns_held"
+COUNTS = (PINS_DROPPED, RECOMPUTED_TOKENS, TURNS_HELD)
 
 # A compaction moves up to a budget of tokens: tens of microseconds on a GPU,
 # milliseconds on CPU pages.
@@ -58,7 +62,7 @@ class SirConnectorStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {COMPACTIONS: [], PINS_DROPPED: 0, RECOMPUTED_TOKENS: 0}
+        self.data = {COMPACTIONS: [], **{key: 0 for key in COUNTS}}
 
     def record_compaction(self, seconds: float, tokens: int) -> None:
         self.data[COMPACTIONS].append([float(seconds), int(tokens)])
@@ -69,16 +73,19 @@ class SirConnectorStats(KVConnectorStats):
     def record_recomputed(self, tokens: int) -> None:
         self.data[RECOMPUTED_TOKENS] += int(tokens)
 
+    def record_turn_held(self) -> None:
+        self.data[TURNS_HELD] = self.data.get(TURNS_HELD, 0) + 1
+
     def is_empty(self) -> bool:
         d = self.data
-        return not d.get(COMPACTIONS) and not d.get(PINS_DROPPED) and not d.get(RECOMPUTED_TOKENS)
+        return not d.get(COMPACTIONS) and not any(d.get(key) for key in COUNTS)
 
     def aggregate(self, other: KVConnectorStats) -> SirConnectorStats:
         """Another worker's, the scheduler's, or a later step's events added to these."""
         if other is not None and not other.is_empty():
             mine, theirs = self.data, other.data
             mine[COMPACTIONS] = [*mine.get(COMPACTIONS, []), *theirs.get(COMPACTIONS, [])]
-            for key in (PINS_DROPPED, RECOMPUTED_TOKENS):
+            for key in COUNTS:
                 mine[key] = mine.get(key, 0) + theirs.get(key, 0)
         return self
 
@@ -100,6 +107,7 @@ class SirConnectorStats(KVConnectorStats):
             "Compacted tokens": sum(n for _, n in self.data.get(COMPACTIONS, [])),
             "Pins dropped": self.data.get(PINS_DROPPED, 0),
             "Recomputed tokens": self.data.get(RECOMPUTED_TOKENS, 0),
+            "Turns held": self.data.get(TURNS_HELD, 0),
         }
 
 
@@ -132,6 +140,11 @@ class SirConnectorPromMetrics(KVConnectorPromMetrics):
             documentation="Kept tokens a session request found unpinned and recomputed from "
                           "their ids (every session request, committed or not).",
             labelnames=labelnames))
+        self.turns_held = per_engine(self._counter_cls(
+            name="vllm:sir_turns_held",
+            documentation="Session turns that waited for running turns to finish rather than "
+                          "drop idle sessions' pinned KV (--kv-max-running).",
+            labelnames=labelnames))
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for seconds, tokens in transfer_stats_data.get(COMPACTIONS, ()):
@@ -141,6 +154,8 @@ class SirConnectorPromMetrics(KVConnectorPromMetrics):
             self.pins_dropped[engine_idx].inc(transfer_stats_data[PINS_DROPPED])
         if transfer_stats_data.get(RECOMPUTED_TOKENS):
             self.recomputed_tokens[engine_idx].inc(transfer_stats_data[RECOMPUTED_TOKENS])
+        if transfer_stats_data.get(TURNS_HELD):
+            self.turns_held[engine_idx].inc(transfer_stats_data[TURNS_HELD])
 
 
 def cuda_events(device) -> Callable[[], Any] | None:

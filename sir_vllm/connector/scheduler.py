@@ -17,7 +17,9 @@ sessions (no request of theirs in the engine) lose their pins until it fits,
 each with a log line. Pins of sessions whose next request waits in the
 engine stay, unless a request could never be allocated while they do (its
 own session's pins fill the pool, or several waiting sessions' do): then
-those go too, this request's own first, or it would wait forever. A
+those go too, this request's own first, or it would wait forever. With
+`--kv-max-running` (`connector.admission`), a session turn that would drop
+idle sessions' pins waits instead while enough session turns run. A
 dropped session's next turn finds no pins: its kept
 tokens are recomputed from their token ids (the prompt always carries them),
 and the reply says how many (`TurnReply.recomputed`). Never another session's
@@ -38,6 +40,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 from sir_vllm import vllm_adapter
+from sir_vllm.connector.admission import AdmissionRule
 from sir_vllm.connector.metadata import LoadJob, SirConnectorMetadata
 from sir_vllm.connector.metrics import SirConnectorStats
 from sir_vllm.connector.protocol import (ENGINE_UTILITY, EngineQuery, PoolStats, TurnParams,
@@ -83,6 +86,8 @@ class SessionScheduler:
         self.dropped_total = 0
         self.events = SirConnectorStats()  # this step's pins dropped and tokens recomputed
         self.max_model_len, self.watermark = vllm_adapter.scheduler_limits(vllm_config)
+        self.admission = AdmissionRule.from_extra_config(vllm_adapter.connector_extra_config(vllm_config))
+        self.held: set[str] = set()  # request ids the admission rule has held back
         if install_utility:
             vllm_adapter.install_engine_utility(ENGINE_UTILITY, self.handle_query)
 
@@ -194,6 +199,28 @@ class SessionScheduler:
                 return  # fits now, or once the running requests finish
             free = self._drop(key, request, free, now, "waiting")
 
+    def _must_wait(self, request, num_computed_tokens: int) -> bool:
+        """The admission rule (`connector.admission`): hold a session turn not yet
+        given blocks that would drop idle sessions' pins while enough turns run."""
+        if (not self.admission.enabled or self.block_pool is None or self.params(request) is None
+                or vllm_adapter.request_id(request) in self.allocated):
+            return False
+        free = vllm_adapter.free_block_count(self.block_pool)
+        if free is None:
+            return False
+        busy = {key for keys in self.active.values() for key in keys}
+        wait = self.admission.must_wait(
+            running=len(self.allocated), free_blocks=free,
+            need_blocks=self._blocks_needed(request, num_computed_tokens),
+            idle_pins=any(key not in busy for key in self.pinned),
+            usable_blocks=vllm_adapter.usable_block_count(self.block_pool),
+            turn_blocks=self._new_blocks(vllm_adapter.tokens_to_hold(request), num_computed_tokens))
+        rid = vllm_adapter.request_id(request)
+        if wait and rid not in self.held:
+            self.held.add(rid)
+            self.events.record_turn_held()
+        return wait
+
     # -- the engine utility (API process -> EngineCore, no request) -------
     def handle_query(self, command: str, argument=None):
         if command == EngineQuery.DROP:
@@ -240,7 +267,10 @@ class SessionScheduler:
             if pin is not None:
                 pin.last_used = time.monotonic()
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        # None: not now (vLLM skips the request this step and asks again later).
+        if self._must_wait(request, num_computed_tokens):
+            return None, False
         # The one side effect (pitfall 6 allows no other): free idle sessions'
         # pins when the pool cannot hold this request; repeating it is harmless.
         self._make_room(request, num_computed_tokens)
@@ -284,6 +314,7 @@ class SessionScheduler:
         rid = vllm_adapter.request_id(request)
         self.active.pop(rid, None)
         self.allocated.discard(rid)
+        self.held.discard(rid)
         recomputed = self.recomputed.pop(rid, None) or 0
         p = self.params(request)
         if p is None:

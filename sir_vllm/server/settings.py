@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from sir_vllm.connector.admission import parse_max_running
+
 
 @dataclass(frozen=True)
 class SessionFlag:
@@ -74,6 +76,12 @@ class Settings:
         flag="--kv-chunk-tokens", metavar="N", minimum=1,
         help="Tokens per pass of a turn too long for the budget (input chunks, answer segments)",
         default_text="a quarter of the room the budget leaves beside the sinks, at most half of it"))
+    max_running: int | str = field(default=0, metadata=_flag(
+        flag="--kv-max-running", metavar="N|auto", type=parse_max_running, minimum=None,
+        help="Under KV-pool pressure, session turns that may run while a turn that would drop "
+             "idle sessions' pinned KV waits for them instead; auto: as many as half the pool "
+             "holds; 0: off, such a turn runs at once and the idle pins go",
+        default_text="0, off"))
     max_budget: int | None = field(default=None, metadata=_flag(
         flag="--kv-max-budget", metavar="N", minimum=1,
         help="Largest budget (cache_size, in tokens) a request's kv_policy may ask for",
