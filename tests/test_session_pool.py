@@ -47,13 +47,19 @@ def req(rid, prompt, params=None, computed=0, output=(), max_tokens=2):
         status=RequestStatus.FINISHED_STOPPED)
 
 
-@pytest.fixture
-def sched():
-    s = SessionScheduler(SimpleNamespace(cache_config=SimpleNamespace(block_size=BS),
-                                         model_config=SimpleNamespace(max_model_len=64)),
-                         install_utility=False)
+def capped(max_running):
+    """The scheduler role on a six-block pool, with `--kv-max-running max_running`."""
+    s = SessionScheduler(SimpleNamespace(
+        cache_config=SimpleNamespace(block_size=BS), model_config=SimpleNamespace(max_model_len=64),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"max_running": max_running})),
+        install_utility=False)
     s.block_pool = Pool(6)
     return s
+
+
+@pytest.fixture
+def sched():
+    return capped(0)  # the admission rule off, as `vllm serve` starts
 
 
 def pin(sched, key, blocks, when):
@@ -159,15 +165,6 @@ def test_a_dropped_session_recomputes_and_says_so(sched):
 
 
 # ---- the admission rule (--kv-max-running): wait rather than drop idle pins --
-
-def capped(max_running):
-    s = SessionScheduler(SimpleNamespace(
-        cache_config=SimpleNamespace(block_size=BS), model_config=SimpleNamespace(max_model_len=64),
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"max_running": max_running})),
-        install_utility=False)
-    s.block_pool = Pool(6)
-    return s
-
 
 def running_turn(sched, key, blocks):
     """Session `key`'s next turn, given `blocks` by the scheduler and running."""

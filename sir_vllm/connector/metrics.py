@@ -74,7 +74,7 @@ class SirConnectorStats(KVConnectorStats):
         self.data[RECOMPUTED_TOKENS] += int(tokens)
 
     def record_turn_held(self) -> None:
-        self.data[TURNS_HELD] = self.data.get(TURNS_HELD, 0) + 1
+        self.data[TURNS_HELD] += 1
 
     def is_empty(self) -> bool:
         d = self.data

@@ -135,6 +135,10 @@ class SessionScheduler:
             self.replies.popitem(last=False)
 
     # -- LRU dropping of idle sessions' pins -----------------------------
+    def _busy_keys(self) -> set[str]:
+        """Pin keys a request in the engine owns or loads from (never idle)."""
+        return {key for keys in self.active.values() for key in keys}
+
     def _new_blocks(self, tokens: int, num_computed_tokens: int) -> int:
         """Blocks beyond the computed ones that `tokens` tokens of a request take."""
         if self.max_model_len:
@@ -178,7 +182,7 @@ class SessionScheduler:
         need = self._blocks_needed(request, num_computed_tokens)
         if free >= need:
             return
-        busy = {key for keys in self.active.values() for key in keys}
+        busy = self._busy_keys()
         idle = sorted((pin.last_used, key) for key, pin in self.pinned.items() if key not in busy)
         for _, key in idle:
             if free >= need:
@@ -202,20 +206,20 @@ class SessionScheduler:
     def _must_wait(self, request, num_computed_tokens: int) -> bool:
         """The admission rule (`connector.admission`): hold a session turn not yet
         given blocks that would drop idle sessions' pins while enough turns run."""
+        rid = vllm_adapter.request_id(request)
         if (not self.admission.enabled or self.block_pool is None or self.params(request) is None
-                or vllm_adapter.request_id(request) in self.allocated):
+                or rid in self.allocated):
             return False
         free = vllm_adapter.free_block_count(self.block_pool)
         if free is None:
             return False
-        busy = {key for keys in self.active.values() for key in keys}
+        busy = self._busy_keys()
         wait = self.admission.must_wait(
             running=len(self.allocated), free_blocks=free,
             need_blocks=self._blocks_needed(request, num_computed_tokens),
             idle_pins=any(key not in busy for key in self.pinned),
             usable_blocks=vllm_adapter.usable_block_count(self.block_pool),
             turn_blocks=self._new_blocks(vllm_adapter.tokens_to_hold(request), num_computed_tokens))
-        rid = vllm_adapter.request_id(request)
         if wait and rid not in self.held:
             self.held.add(rid)
             self.events.record_turn_held()
