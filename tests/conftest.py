@@ -94,3 +94,12 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300)
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def kind(request):
+    """A KV layout to test on synthetic tensors: vLLM's packed CPU pages, or the
+    GPU backends' (indexed on the CPU here)."""
+    if request.param == "cpu":
+        pytest.importorskip("vllm._custom_ops")
+    return request.param

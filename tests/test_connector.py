@@ -13,17 +13,9 @@ from sir_vllm.connector.protocol import (ENGINE_UTILITY, EngineQuery, TurnParams
                                          TurnReply)
 from sir_vllm.connector.scheduler import SessionScheduler  # noqa: E402
 
-from fake_block_pool import Pool  # noqa: E402
+from fake_block_pool import Blocks as FakeBlocks, Pool  # noqa: E402
 
 BS = 4
-
-
-class FakeBlocks:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
 
 
 def turn(old_len, keep=None, expect="t1", turn_id="t2", peek=False, key="S"):

@@ -237,16 +237,6 @@ def make_caches(kind, spec):
     return layout, caches, raw
 
 
-KINDS = ["cpu", "gpu"]
-
-
-@pytest.fixture(params=KINDS)
-def kind(request):
-    if request.param == "cpu":
-        pytest.importorskip("vllm._custom_ops")
-    return request.param
-
-
 @pytest.mark.parametrize("is_neox,rotary_dim", [(True, 64), (False, 32)])
 def test_compaction_in_place(kind, is_neox, rotary_dim):
     """Sinks + a scattered keep set compacted to positions 0..K-1 in the same blocks."""

@@ -11,7 +11,6 @@ three blocks of 128 tokens (module-scoped: the one extra server of the suite).
 from __future__ import annotations
 
 import uuid
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,57 +19,14 @@ import requests
 pytest.importorskip("vllm")
 
 from sir_vllm.connector.protocol import TurnParams, TurnReply  # noqa: E402
-from sir_vllm.connector.scheduler import SessionScheduler  # noqa: E402
 
 from conftest import SERVED_NAME, SESSION_POLICY_ARGS, started_server  # noqa: E402
-from fake_block_pool import Pool  # noqa: E402
-
-BS = 4
-
-
-class Blocks:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
-
-
-def req(rid, prompt, params=None, computed=0, output=(), max_tokens=2):
-    from vllm.v1.request import RequestStatus
-
-    return SimpleNamespace(
-        request_id=rid, prompt_token_ids=list(prompt), num_prompt_tokens=len(prompt),
-        max_tokens=max_tokens, all_token_ids=list(prompt) + list(output),
-        num_computed_tokens=computed, skip_reading_prefix_cache=False,
-        kv_transfer_params=None if params is None else params.to_kv_transfer_params(),
-        status=RequestStatus.FINISHED_STOPPED)
-
-
-def capped(max_running):
-    """The scheduler role on a six-block pool, with `--kv-max-running max_running`."""
-    s = SessionScheduler(SimpleNamespace(
-        cache_config=SimpleNamespace(block_size=BS), model_config=SimpleNamespace(max_model_len=64),
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"max_running": max_running})),
-        install_utility=False)
-    s.block_pool = Pool(6)
-    return s
+from fake_block_pool import BS, Blocks, capped, pin, req  # noqa: E402
 
 
 @pytest.fixture
 def sched():
     return capped(0)  # the admission rule off, as `vllm serve` starts
-
-
-def pin(sched, key, blocks, when):
-    """A finished first turn of session `key` whose KV fills `blocks`."""
-    n = len(blocks) * BS
-    r = req(f"{key}-1", range(100, 100 + n - 1),
-            TurnParams(key=key, turn=f"{key}-t1", old_len=0, name=f"s-{key}"), computed=n, output=[7])
-    sched.on_new_request(r)
-    sched.update_state_after_alloc(r, Blocks(blocks), 0)
-    assert sched.request_finished(r, blocks) == (False, TurnReply(pinned=n).to_kv_transfer_params())
-    sched.pinned[key].last_used = when
 
 
 def test_the_least_recently_used_idle_session_is_dropped_first(sched, caplog):
