@@ -31,6 +31,13 @@ def check_version() -> None:
 
 # --- the CLI: extending `vllm serve`'s engine arguments ----------------------
 
+def human_readable_int(value: str) -> int:
+    """vLLM's reading of sizes like `--kv-cache-memory-bytes 2G` (1G = 2**30, 1g = 10**9)."""
+    from vllm.utils.argparse_utils import human_readable_int as parse
+
+    return parse(value)
+
+
 def wrap_engine_cli(add_args: Callable, from_args: Callable) -> None:
     """Make `EngineArgs.add_cli_args` also call `add_args(parser)`, and
     `EngineArgs.from_cli_args` call `from_args(args)` first (idempotent).

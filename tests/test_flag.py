@@ -153,6 +153,7 @@ def test_apply_turns_the_flags_into_connector_middleware_and_settings(fresh_sett
     assert args.kv_transfer_config.kv_connector == flags.CONNECTOR_CLASS
     assert args.kv_transfer_config.kv_connector_extra_config["policy"]["recent_size"] == 60
     assert args.kv_transfer_config.kv_connector_extra_config["max_running"] == 0  # off
+    assert args.kv_transfer_config.kv_connector_extra_config["offload_bytes"] == 0  # off
     assert args.middleware == [flags.MIDDLEWARE]
     cur = fresh_settings.current
     assert cur.policy.to_dict() == make_policy("streaming", recent_size=60).to_dict()
@@ -173,6 +174,19 @@ def test_max_running_reaches_the_connectors_config(fresh_settings, monkeypatch):
         assert args.kv_transfer_config.kv_connector_extra_config["max_running"] == expected
     with pytest.raises(SystemExit):
         parse("--kv-policy", "sirllm", "--kv-max-running", "-1")
+
+
+def test_offload_bytes_reaches_the_connectors_config(fresh_settings, monkeypatch):
+    monkeypatch.setattr(flags.os, "environ", {})
+    for value, expected in (("2G", 2 * 2**30), ("500m", 500 * 10**6), ("0", 0)):
+        args = parse("--kv-policy", "sirllm", "--kv-offload-bytes", value)
+        args.middleware = []
+        flags.apply_kv_policy_args(args)
+        assert fresh_settings.current.offload_bytes == expected
+        assert args.kv_transfer_config.kv_connector_extra_config["offload_bytes"] == expected
+    for bad in ("-1", "much"):
+        with pytest.raises(SystemExit):
+            parse("--kv-policy", "sirllm", "--kv-offload-bytes", bad)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -21,7 +21,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sir_vllm.connector.metrics import (COMPACTIONS, PINS_DROPPED, RECOMPUTED_TOKENS, TURNS_HELD,
+from sir_vllm.connector.metrics import (COMPACTIONS, OFFLOADED_TOKENS, PINS_DROPPED,
+                                        RECOMPUTED_TOKENS, RESTORED_TOKENS, TURNS_HELD,
                                         CompactionTimer, SirConnectorStats)
 from sir_vllm.connector.protocol import EngineQuery, TurnParams, TurnReply
 from sir_vllm.policy import make_policy
@@ -33,7 +34,7 @@ from sir_vllm.sessions.engine import EngineError, EngineStreamError
 from sir_vllm.sessions.state import SessionState
 
 from api_processes import REPLICA, bounded_reader, clients_on_each_process, stall_bound, stalled
-from fake_block_pool import Pool
+from fake_block_pool import Blocks, Pool
 from fake_engine import FakeEngine
 
 MODEL = "m"
@@ -237,16 +238,19 @@ def test_connector_stats_merge_take_and_summarize():
     scheduler.record_pins_dropped()
     scheduler.record_recomputed(17)
     scheduler.record_turn_held()
+    scheduler.record_offloaded(24)
+    scheduler.record_restored(20)
     step = worker.take().aggregate(scheduler.take()).aggregate(SirConnectorStats())
     assert worker.is_empty() and scheduler.is_empty()  # handed over once
     assert step.data == {COMPACTIONS: [[0.002, 40]], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 17,
-                         TURNS_HELD: 1}
+                         TURNS_HELD: 1, OFFLOADED_TOKENS: 24, RESTORED_TOKENS: 20}
     later = SirConnectorStats(data=json.loads(json.dumps(step.to_dict())))  # across processes
     later.aggregate(SirConnectorStats(data={COMPACTIONS: [[0.004, 20]], PINS_DROPPED: 0,
                                             RECOMPUTED_TOKENS: 0}))
     assert later.reduce() == {"Compactions": 2, "Avg compaction (ms)": 3.0,
                               "Max compaction (ms)": 4.0, "Compacted tokens": 60,
-                              "Pins dropped": 1, "Recomputed tokens": 17, "Turns held": 1}
+                              "Pins dropped": 1, "Recomputed tokens": 17, "Turns held": 1,
+                              "Offloaded tokens": 24, "Restored tokens": 20}
 
 
 def private(cls, registry):
@@ -275,7 +279,7 @@ def test_vllms_stat_loggers_drive_the_connectors_metrics():
         kv_transfer_config(POLICY)))
     prom = Prom(config, ["model_name", "engine"], {0: [MODEL, "0"], 1: [MODEL, "1"]})
     step = {COMPACTIONS: [[0.0004, 30], [0.003, 50]], PINS_DROPPED: 2, RECOMPUTED_TOKENS: 64,
-            TURNS_HELD: 5}
+            TURNS_HELD: 5, OFFLOADED_TOKENS: 256, RESTORED_TOKENS: 200}
     prom.observe(step, engine_idx=1)
     prom.observe({COMPACTIONS: [[0.00002, 8]], PINS_DROPPED: 0, RECOMPUTED_TOKENS: 0}, engine_idx=0)
 
@@ -290,6 +294,8 @@ def test_vllms_stat_loggers_drive_the_connectors_metrics():
     assert at("vllm:sir_pins_dropped_total") == 2 and at("vllm:sir_pins_dropped_total", "0") == 0
     assert at("vllm:sir_pin_miss_tokens_total") == 64
     assert at("vllm:sir_turns_held_total") == 5 and at("vllm:sir_turns_held_total", "0") == 0
+    assert at("vllm:sir_offloaded_tokens_total") == 256 and at("vllm:sir_restored_tokens_total") == 200
+    assert at("vllm:sir_restored_tokens_total", "0") == 0
 
     logging_ = KVConnectorLogging(config.kv_transfer_config)
     logging_.observe(step)
@@ -298,7 +304,8 @@ def test_vllms_stat_loggers_drive_the_connectors_metrics():
     logging_.log(lambda fmt, *args: lines.append(fmt % args))
     assert lines == ["KV Transfer metrics: Compactions=3, Avg compaction (ms)=1.467, "
                      "Max compaction (ms)=3.0, Compacted tokens=90, Pins dropped=3, "
-                     "Recomputed tokens=64, Turns held=5"]
+                     "Recomputed tokens=64, Turns held=5, Offloaded tokens=256, "
+                     "Restored tokens=200"]
 
 
 BS = 4
@@ -312,14 +319,6 @@ def request(rid, prompt, params, computed=0, output=(), max_tokens=0):
                            all_token_ids=list(prompt) + list(output), num_computed_tokens=computed,
                            kv_transfer_params=None if params is None else params.to_kv_transfer_params(),
                            skip_reading_prefix_cache=False, status=RequestStatus.FINISHED_STOPPED)
-
-
-class Blocks:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
 
 
 def test_the_scheduler_reports_pins_dropped_and_tokens_recomputed_once():
@@ -347,7 +346,8 @@ def test_the_scheduler_reports_pins_dropped_and_tokens_recomputed_once():
     connector = object.__new__(SirKVConnector)  # the connector's one hook, scheduler role
     connector._scheduler, connector._worker = sched, None
     stats = connector.get_kv_connector_stats()
-    assert stats.data == {COMPACTIONS: [], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 8, TURNS_HELD: 0}
+    assert stats.data == {COMPACTIONS: [], PINS_DROPPED: 1, RECOMPUTED_TOKENS: 8, TURNS_HELD: 0,
+                          OFFLOADED_TOKENS: 0, RESTORED_TOKENS: 0}  # no host tier: nothing saved
     assert connector.get_kv_connector_stats() is None
     assert sched.handle_query(EngineQuery.STATS)["dropped_total"] == 1
 

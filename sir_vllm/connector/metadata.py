@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sir_vllm import vllm_adapter
+from sir_vllm.connector.offload import HostOp
 
 _, KVConnectorMetadata, _ = vllm_adapter.connector_base()
 
@@ -22,3 +23,6 @@ class LoadJob:
 @dataclass
 class SirConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
+    # the host tier's saves, restores and evictions (`connector.offload`), run
+    # in this order before the loads: a save reads blocks the step reuses
+    host_ops: list[HostOp] = field(default_factory=list)

@@ -21,6 +21,9 @@ What goes this way is what happens in an engine step:
   pool could not hold a new request.
 * `turns_held`: session turns the admission rule (`--kv-max-running`) held
   back at least once, rather than drop idle sessions' pins.
+* `offloaded_tokens` / `restored_tokens`: tokens of dropped pins saved to
+  the host tier (`--kv-offload-bytes`), and kept tokens copied back from it
+  instead of recomputed.
 * `recomputed_tokens`: kept tokens a session request found unpinned (pins
   dropped, an engine restart, a rollback of more than one turn), counted when
   the request finishes, committed by the API or not.
@@ -45,7 +48,9 @@ COMPACTIONS = "compactions"
 PINS_DROPPED = "pins_dropped"
 RECOMPUTED_TOKENS = "recomputed_tokens"
 TURNS_HELD = "turns_held"
-COUNTS = (PINS_DROPPED, RECOMPUTED_TOKENS, TURNS_HELD)
+OFFLOADED_TOKENS = "offloaded_tokens"
+RESTORED_TOKENS = "restored_tokens"
+COUNTS = (PINS_DROPPED, RECOMPUTED_TOKENS, TURNS_HELD, OFFLOADED_TOKENS, RESTORED_TOKENS)
 
 # A compaction moves up to a budget of tokens: tens of microseconds on a GPU,
 # milliseconds on CPU pages.
@@ -75,6 +80,12 @@ class SirConnectorStats(KVConnectorStats):
 
     def record_turn_held(self) -> None:
         self.data[TURNS_HELD] += 1
+
+    def record_offloaded(self, tokens: int) -> None:
+        self.data[OFFLOADED_TOKENS] += int(tokens)
+
+    def record_restored(self, tokens: int) -> None:
+        self.data[RESTORED_TOKENS] += int(tokens)
 
     def is_empty(self) -> bool:
         d = self.data
@@ -108,6 +119,8 @@ class SirConnectorStats(KVConnectorStats):
             "Pins dropped": self.data.get(PINS_DROPPED, 0),
             "Recomputed tokens": self.data.get(RECOMPUTED_TOKENS, 0),
             "Turns held": self.data.get(TURNS_HELD, 0),
+            "Offloaded tokens": self.data.get(OFFLOADED_TOKENS, 0),
+            "Restored tokens": self.data.get(RESTORED_TOKENS, 0),
         }
 
 
@@ -145,6 +158,15 @@ class SirConnectorPromMetrics(KVConnectorPromMetrics):
             documentation="Session turns that waited for running turns to finish rather than "
                           "drop idle sessions' pinned KV (--kv-max-running).",
             labelnames=labelnames))
+        self.offloaded_tokens = per_engine(self._counter_cls(
+            name="vllm:sir_offloaded_tokens",
+            documentation="Tokens of dropped pins saved to host memory (--kv-offload-bytes).",
+            labelnames=labelnames))
+        self.restored_tokens = per_engine(self._counter_cls(
+            name="vllm:sir_restored_tokens",
+            documentation="Kept tokens copied back from host memory instead of recomputed "
+                          "(--kv-offload-bytes).",
+            labelnames=labelnames))
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for seconds, tokens in transfer_stats_data.get(COMPACTIONS, ()):
@@ -154,8 +176,11 @@ class SirConnectorPromMetrics(KVConnectorPromMetrics):
             self.pins_dropped[engine_idx].inc(transfer_stats_data[PINS_DROPPED])
         if transfer_stats_data.get(RECOMPUTED_TOKENS):
             self.recomputed_tokens[engine_idx].inc(transfer_stats_data[RECOMPUTED_TOKENS])
-        if transfer_stats_data.get(TURNS_HELD):
-            self.turns_held[engine_idx].inc(transfer_stats_data[TURNS_HELD])
+        for key, counter in ((TURNS_HELD, self.turns_held),
+                             (OFFLOADED_TOKENS, self.offloaded_tokens),
+                             (RESTORED_TOKENS, self.restored_tokens)):
+            if transfer_stats_data.get(key):
+                counter[engine_idx].inc(transfer_stats_data[key])
 
 
 def cuda_events(device) -> Callable[[], Any] | None:

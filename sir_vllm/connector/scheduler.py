@@ -19,8 +19,10 @@ engine stay, unless a request could never be allocated while they do (its
 own session's pins fill the pool, or several waiting sessions' do): then
 those go too, this request's own first, or it would wait forever. With
 `--kv-max-running` (`connector.admission`), a session turn that would drop
-idle sessions' pins waits instead while enough session turns run. A
-dropped session's next turn finds no pins: its kept
+idle sessions' pins waits instead while enough session turns run. With
+`--kv-offload-bytes` (`connector.offload`), dropped pins are first saved to
+host memory and the session's next turn copies its kept tokens back from
+there. Otherwise a dropped session's next turn finds no pins: its kept
 tokens are recomputed from their token ids (the prompt always carries them),
 and the reply says how many (`TurnReply.recomputed`). Never another session's
 KV: pins are keyed by the session's own key and tagged by turn, and blocks are
@@ -43,6 +45,7 @@ from sir_vllm import vllm_adapter
 from sir_vllm.connector.admission import AdmissionRule
 from sir_vllm.connector.metadata import LoadJob, SirConnectorMetadata
 from sir_vllm.connector.metrics import SirConnectorStats
+from sir_vllm.connector.offload import HostIndex, Offloaded
 from sir_vllm.connector.protocol import (ENGINE_UTILITY, EngineQuery, PoolStats, TurnParams,
                                          TurnReply)
 
@@ -86,7 +89,10 @@ class SessionScheduler:
         self.dropped_total = 0
         self.events = SirConnectorStats()  # this step's pins dropped and tokens recomputed
         self.max_model_len, self.watermark = vllm_adapter.scheduler_limits(vllm_config)
-        self.admission = AdmissionRule.from_extra_config(vllm_adapter.connector_extra_config(vllm_config))
+        extra = vllm_adapter.connector_extra_config(vllm_config)
+        self.admission = AdmissionRule.from_extra_config(extra)
+        self.host = HostIndex.from_config(extra, vllm_adapter.kv_bytes_per_token(vllm_config)
+                                          if HostIndex.configured(extra) else 1)
         self.held: set[str] = set()  # request ids the admission rule has held back
         if install_utility:
             vllm_adapter.install_engine_utility(ENGINE_UTILITY, self.handle_query)
@@ -110,18 +116,32 @@ class SessionScheduler:
             return None
         prompt = vllm_adapter.prompt_token_ids(request)
         if pin.turn == p.expect and len(pin.token_ids) == p.old_len:
-            keep = p.keep_indices()
-            if len(keep) < len(prompt) and [pin.token_ids[i] for i in keep] == prompt[: len(keep)]:
-                return keep
-            if not quiet:
-                logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
-                               "recomputing", p.name or p.key)
-            return None
+            return self._kept_prefix(pin.token_ids, p, prompt, quiet)
         if pin.origin is not None and pin.origin == origin_of(p):
             limit = min(len(prompt) - 1, len(pin.token_ids))  # pitfall 4: one token to compute
             shared = next((i for i in range(limit) if pin.token_ids[i] != prompt[i]), limit)
             return list(range(shared)) if shared else None
         return None
+
+    @staticmethod
+    def _kept_prefix(token_ids: list[int], p: TurnParams, prompt: list[int],
+                     quiet: bool = False) -> list[int] | None:
+        """The keep set, when the prompt starts with those tokens of the saved state."""
+        keep = p.keep_indices()
+        if len(keep) < len(prompt) and [token_ids[i] for i in keep] == prompt[: len(keep)]:
+            return keep
+        if not quiet:
+            logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
+                           "recomputing", p.name or p.key)
+        return None
+
+    def _offloaded_sources(self, request, p: TurnParams) -> list[int] | None:
+        """Like `_sources`, from the host tier's copy of the state the turn starts
+        from (its pins were dropped for pool pressure and saved)."""
+        entry = self.host.get(p.load_key) if p.expect is not None else None
+        if entry is None or entry.turn != p.expect or len(entry.token_ids) != p.old_len:
+            return None
+        return self._kept_prefix(entry.token_ids, p, vllm_adapter.prompt_token_ids(request), True)
 
     def _release(self, session: str) -> bool:
         pin = self.pinned.pop(session, None)
@@ -157,14 +177,20 @@ class SessionScheduler:
     def _drop(self, key: str, request, free: int, need: int, why: str) -> int:
         """Release `key`'s pins for `request` (a log line); the free blocks after."""
         pin = self.pinned[key]
+        saved = self.host.save(key, Offloaded(pin.token_ids, pin.turn, pin.name),
+                               slots(pin.block_ids, range(len(pin.token_ids)), self.block_size))
         self._release(key)
         self.dropped_total += 1
         self.events.record_pins_dropped()
+        if saved:
+            self.events.record_offloaded(len(pin.token_ids))
         logger.warning(
             "sir-vllm: KV pool full (%d free blocks, request %s needs %d): dropped the pinned KV "
-            "of %s session %r (key %s, %d blocks, unused %.1fs); its next turn recomputes its kept "
-            "tokens", free, vllm_adapter.request_id(request), need, why, pin.name, key,
-            len(pin.block_ids), time.monotonic() - pin.last_used)
+            "of %s session %r (key %s, %d blocks, unused %.1fs); %s", free,
+            vllm_adapter.request_id(request), need, why, pin.name, key, len(pin.block_ids),
+            time.monotonic() - pin.last_used,
+            "saved to host memory, its next turn copies its kept tokens back" if saved
+            else "its next turn recomputes its kept tokens")
         return vllm_adapter.free_block_count(self.block_pool)
 
     def _make_room(self, request, num_computed_tokens: int) -> None:
@@ -228,10 +254,12 @@ class SessionScheduler:
     # -- the engine utility (API process -> EngineCore, no request) -------
     def handle_query(self, command: str, argument=None):
         if command == EngineQuery.DROP:
-            dropped = sum(self._release(str(key)) for key in argument or ())
+            dropped = sum(self._release(str(key)) | self.host.forget(str(key)) for key in argument or ())
             return dropped
         if command == EngineQuery.MOVE:
             src, dst = (str(k) for k in argument)
+            for key in (src, dst):  # a saved copy is not moved: that state recomputes
+                self.host.forget(key)
             pin = self.pinned.pop(src, None)
             if pin is None:
                 return False
@@ -270,6 +298,7 @@ class SessionScheduler:
             pin = self.pinned.get(key)
             if pin is not None:
                 pin.last_used = time.monotonic()
+            self.host.touch(key)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         # None: not now (vLLM skips the request this step and asks again later).
@@ -281,7 +310,7 @@ class SessionScheduler:
         p = self.params(request)
         if p is None:
             return 0, False
-        sources = self._sources(request, p)
+        sources = self._sources(request, p) or self._offloaded_sources(request, p)
         if not sources:
             return 0, False
         return max(0, len(sources) - num_computed_tokens), False
@@ -290,27 +319,29 @@ class SessionScheduler:
         p = self.params(request)
         if p is None:
             return
-        self.allocated.add(vllm_adapter.request_id(request))
-        sources = self._sources(request, p, quiet=True) or []
+        rid = vllm_adapter.request_id(request)
+        self.allocated.add(rid)
+        pinned = self._sources(request, p, quiet=True)
+        sources = pinned or self._offloaded_sources(request, p) or []
         kept = len(p.keep_indices())
-        self.recomputed[vllm_adapter.request_id(request)] = kept - min(kept, len(sources))
+        self.recomputed[rid] = kept - min(kept, len(sources))
         if num_external_tokens <= 0:
             return
         assert sources, "a load was granted for a session whose pins changed"
         start = len(sources) - num_external_tokens  # pitfall 1: never rewrite local hits
-        new_blocks = vllm_adapter.block_table(blocks)
-        pin = self.pinned[p.load_key]
         src = sources[start:]
-        dst = list(range(start, len(sources)))
-        self.jobs.append(LoadJob(
-            req_id=vllm_adapter.request_id(request),
-            src_slots=slots(pin.block_ids, src, self.block_size),
-            dst_slots=slots(new_blocks, dst, self.block_size),
-            delta=[d - s for s, d in zip(src, dst)],
-        ))
+        dst = slots(vllm_adapter.block_table(blocks), range(start, len(sources)), self.block_size)
+        delta = [d - s for s, d in zip(src, range(start, len(sources)))]
+        if not pinned:  # from the host tier
+            self.host.restore(rid, p.load_key, src, dst, delta)
+            self.events.record_restored(len(src))
+            return
+        pin = self.pinned[p.load_key]
+        self.jobs.append(LoadJob(req_id=rid, src_slots=slots(pin.block_ids, src, self.block_size),
+                                 dst_slots=dst, delta=delta))
 
     def build_connector_meta(self, scheduler_output) -> SirConnectorMetadata:
-        meta = SirConnectorMetadata(loads=self.jobs)
+        meta = SirConnectorMetadata(loads=self.jobs, host_ops=self.host.take_ops())
         self.jobs = []
         return meta
 
@@ -334,11 +365,13 @@ class SessionScheduler:
             block_ids = list(block_ids[:need])
             vllm_adapter.pin_blocks(self.block_pool, block_ids)
             self._release(p.key)
+            self.host.forget(p.key)  # a saved copy of an older state
             self.pinned[p.key] = Pinned(block_ids, vllm_adapter.computed_token_ids(request, num),
                                         turn=p.turn, origin=origin_of(p), name=p.name)
             pinned = num
             if p.release_source and p.load_key != p.key:
                 self._release(p.load_key)  # a long turn's passes are done: their pins go
+                self.host.forget(p.load_key)
         reply = TurnReply(pinned=pinned, recomputed=recomputed)
         if not p.peek:
             self._remember_reply(p.turn, reply)

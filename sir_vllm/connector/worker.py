@@ -9,6 +9,10 @@ the engine's first worker only, as `vllm:sir_compaction_seconds` on /metrics.
 Under tensor parallelism every rank gets the same plan (slots and deltas are
 per token, not per head) and applies it to its shard of the KV heads; the log
 line names the rank, one line per rank and job.
+
+The host tier's operations (`connector.offload`) run first, in the order the
+scheduler planned them: saves of dropped pins into this rank's host store,
+restores from it (timed like loads), evictions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import time
 
 from sir_vllm import vllm_adapter
 from sir_vllm.connector.metrics import CompactionTimer, SirConnectorStats, cuda_events
+from sir_vllm.connector.offload import ForgetOp, RestoreOp, SaveOp
 from sir_vllm.kv import copy_kept_tokens, layout_for
+from sir_vllm.kv.offload import restore_tokens, save_tokens
 
 logger = logging.getLogger("vllm.sir_vllm.connector")
 
@@ -31,6 +37,7 @@ class SessionWorker:
         self._rope = None
         self.timer: CompactionTimer | None = None  # set once the caches (and ranks) are known
         self.tp_rank = 0
+        self.host: dict[str, list] = {}  # session key -> its saved tokens, per layer (host tier)
 
     @property
     def rope(self):
@@ -46,7 +53,27 @@ class SessionWorker:
         if vllm_adapter.first_worker():
             self.timer = CompactionTimer(cuda_events(first.device))
 
+    def run_host_ops(self, ops) -> None:
+        for op in ops:
+            if isinstance(op, SaveOp):
+                self.host[op.key] = save_tokens(self.kv_caches, self.layout, op.src_slots)
+            elif isinstance(op, ForgetOp):
+                self.host.pop(op.key, None)
+            elif isinstance(op, RestoreOp):
+                saved = self.host.get(op.key)
+                if saved is None:  # the scheduler planned from an entry this rank never got
+                    raise RuntimeError(f"sir-vllm: no host copy of session key {op.key} for "
+                                       f"request {op.req_id}")
+                timing = self.timer.start() if self.timer else None
+                restore_tokens(self.kv_caches, self.layout, saved, op.index, op.dst_slots,
+                               op.delta, self.rope)
+                if self.timer:
+                    self.timer.stop(timing, len(op.index))
+                logger.info("sir-vllm: restored req=%s tokens=%d from host memory tp_rank=%d",
+                            op.req_id, len(op.index), self.tp_rank)
+
     def start_load_kv(self, metadata) -> None:
+        self.run_host_ops(getattr(metadata, "host_ops", ()))
         for job in getattr(metadata, "loads", ()):
             timing = self.timer.start() if self.timer else None
             t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import os
 import sys
 
 from sir_vllm import vllm_adapter
-from sir_vllm.connector import admission
+from sir_vllm.connector import admission, offload
 from sir_vllm.policy import Policy, PolicyError, knob_users, make_policy, policy_class, policy_names
 from sir_vllm.policy.registry import (argparse_help, budget_knobs, describe_knob,
                                       describe_policies, knob_values, names_with_aliases)
@@ -200,14 +200,15 @@ def check_serving(args) -> None:
                         "drop one of the two")
 
 
-def kv_transfer_config(policy, max_running: int | str = 0) -> dict:
+def kv_transfer_config(policy, max_running: int | str = 0, offload_bytes: int = 0) -> dict:
     """The engine's connector, with what its scheduler role needs to know."""
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"policy": policy.to_dict(),
-                                      admission.CONFIG_KEY: max_running},
+                                      admission.CONFIG_KEY: max_running,
+                                      offload.CONFIG_KEY: offload_bytes},
     }
 
 
@@ -249,7 +250,7 @@ def apply_kv_policy_args(args) -> None:
         print(f"vllm serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     args.kv_transfer_config = vllm_adapter.kv_transfer_config(
-        kv_transfer_config(policy, settings.current.max_running))
+        kv_transfer_config(policy, settings.current.max_running, settings.current.offload_bytes))
     vllm_adapter.keep_stock_cpu_reservation(args, os.environ)  # inherited by the engine processes
     vllm_adapter.add_middleware(args, MIDDLEWARE)
     args._sir_vllm_applied = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from sir_vllm.connector.admission import parse_max_running
+from sir_vllm.connector.offload import parse_offload_bytes
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class Settings:
         help="Under KV-pool pressure, session turns that may run while a turn that would drop "
              "idle sessions' pinned KV waits for them instead; auto: as many as half the pool "
              "holds; 0: off, such a turn runs at once and the idle pins go",
+        default_text="0, off"))
+    offload_bytes: int = field(default=0, metadata=_flag(
+        flag="--kv-offload-bytes", metavar="BYTES", type=parse_offload_bytes, minimum=None,
+        help="Host memory for the KV of sessions whose pinned KV the full pool drops, so their "
+             "next turn copies its kept tokens back instead of recomputing them (least recently "
+             "saved go first); sizes as --kv-cache-memory-bytes takes them (2G); 0: off",
         default_text="0, off"))
     max_budget: int | None = field(default=None, metadata=_flag(
         flag="--kv-max-budget", metavar="N", minimum=1,
