@@ -7,6 +7,7 @@ compact.py         copy kept tokens to new slots, keys re-rotated (checks, dispa
 fused.py           every layer at once for GPU layouts: picks one of the two below
 triton_compact.py  the fused Triton kernel (compiled on CUDA, interpreted on CPU)
 torch_compact.py   the same move in a few torch ops per layer
+offload.py         tokens out to host memory and back into new slots (the host tier)
 """
 
 from sir_vllm.kv.compact import copy_kept_tokens
