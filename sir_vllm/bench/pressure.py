@@ -258,6 +258,7 @@ def pressure_rows(results: dict) -> list[list[str]]:
                 "–" if rate is None else f"{100 * rate:.0f}%",
                 f"{p.get('sessions_pinned', '–')} / {p.get('sessions_recomputed', '–')}",
                 _f(p.get("history_tokens_recomputed")), _f(p.get("pins_dropped"), 0),
+                _f(p.get("restored_tokens"), 0),
                 _f(p.get("kv_tokens_per_session_mean"), 0), _f(p.get("kv_tokens_per_session_max")),
                 _f(p.get("queue_ms_mean"), 0), _f(p.get("prefill_ms_mean"), 0),
                 _f(s.get("compaction_ms_mean"), 1),
@@ -268,6 +269,7 @@ def pressure_rows(results: dict) -> list[list[str]]:
 PRESSURE_HEAD = ["policy", "sessions", "turns/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
                  "latency p50 ms", "latency p99 ms", "preemptions", "prefix-cache hit rate",
                  "sessions pinned / recomputed", "history tokens recomputed", "pins dropped",
+                 "kept tokens restored from host",
                  "KV tok/session mean", "KV tok/session max", "queue ms mean",
                  "prefill ms mean", "compaction ms mean"]
 
