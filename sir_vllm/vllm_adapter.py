@@ -234,6 +234,18 @@ def usable_block_count(block_pool) -> int:
     return pool_size(block_pool) - int(getattr(block_pool, "null_block", None) is not None)
 
 
+def copy_before_forward(scheduler_output) -> None:
+    """Make the worker run this step's `start_load_kv` before the forward pass.
+
+    vLLM 0.32 runs it after the forward launch on steps without a synchronous
+    load (`SchedulerOutput.has_sync_kv_loads` False, set only when a request
+    got external tokens): a host-tier save of blocks freed this step would
+    then read what the forward just wrote into them. vLLM's HiSparse connector
+    sets the flag the same way."""
+    if scheduler_output is not None:
+        scheduler_output.has_sync_kv_loads = True
+
+
 def block_table(blocks) -> list[int]:
     """Block ids of the `KVCacheBlocks` the scheduler hands to
     `update_state_after_alloc` (the request's whole table; one KV cache group)."""

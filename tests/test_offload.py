@@ -11,6 +11,7 @@ session answers exactly as an identical session that kept its pins.
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,7 +131,12 @@ def test_a_dropped_session_is_saved_and_its_next_turn_restored():
     sched.build_connector_meta(None)
     sched.get_num_new_matched_tokens(req("x", range(6)), 0)  # drops A, the least recent
     assert "A" not in sched.pinned
-    assert sched.build_connector_meta(None).host_ops == [SaveOp("A", list(range(8)))]
+    step = SimpleNamespace(has_sync_kv_loads=False)  # x got no external tokens
+    assert sched.build_connector_meta(step).host_ops == [SaveOp("A", list(range(8)))]
+    assert step.has_sync_kv_loads  # the save runs before the forward reuses A's blocks
+    quiet = SimpleNamespace(has_sync_kv_loads=False)
+    sched.build_connector_meta(quiet)
+    assert not quiet.has_sync_kv_loads  # no host work: vLLM's order stays
 
     keep = [0, 1, 5, 7]  # two sinks' worth and two later tokens: the last two move left
     a2 = next_turn("A", keep)

@@ -342,6 +342,8 @@ class SessionScheduler:
 
     def build_connector_meta(self, scheduler_output) -> SirConnectorMetadata:
         meta = SirConnectorMetadata(loads=self.jobs, host_ops=self.host.take_ops())
+        if meta.host_ops:  # a save reads blocks this step's forward may write
+            vllm_adapter.copy_before_forward(scheduler_output)
         self.jobs = []
         return meta
 
