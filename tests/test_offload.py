@@ -103,8 +103,8 @@ def test_offload_bytes_takes_vllm_sizes_and_refuses_the_rest():
     for bad in ("-1", "lots", "1.5G"):
         with pytest.raises(ValueError, match="bytes >= 0"):
             parse_offload_bytes(bad)
-    assert HostIndex.from_config({"offload_bytes": "1K"}, bytes_per_token=100).capacity == 10
-    assert not HostIndex.from_config({}, bytes_per_token=100).enabled
+    assert HostIndex.from_config({"offload_bytes": "1K"}, lambda: 100).capacity == 10
+    assert not HostIndex.from_config({}, lambda: 1 // 0).enabled  # off: the engine is not asked
 
 
 # ---- the scheduler role: a dropped session's next turn is restored ------------

@@ -52,6 +52,24 @@ OFFLOADED_TOKENS = "offloaded_tokens"
 RESTORED_TOKENS = "restored_tokens"
 COUNTS = (PINS_DROPPED, RECOMPUTED_TOKENS, TURNS_HELD, OFFLOADED_TOKENS, RESTORED_TOKENS)
 
+# Each count's Prometheus counter: its name (without `_total`) and help text.
+COUNTER_METRICS = {
+    PINS_DROPPED: ("vllm:sir_pins_dropped",
+                   "Idle sessions whose pinned KV was dropped because the KV pool could not "
+                   "hold a new request (least recently used first)."),
+    RECOMPUTED_TOKENS: ("vllm:sir_pin_miss_tokens",
+                        "Kept tokens a session request found unpinned and recomputed from their "
+                        "ids (every session request, committed or not)."),
+    TURNS_HELD: ("vllm:sir_turns_held",
+                 "Session turns that waited for running turns to finish rather than drop idle "
+                 "sessions' pinned KV (--kv-max-running)."),
+    OFFLOADED_TOKENS: ("vllm:sir_offloaded_tokens",
+                       "Tokens of dropped pins saved to host memory (--kv-offload-bytes)."),
+    RESTORED_TOKENS: ("vllm:sir_restored_tokens",
+                      "Kept tokens copied back from host memory instead of recomputed "
+                      "(--kv-offload-bytes)."),
+}
+
 # A compaction moves up to a budget of tokens: tens of microseconds on a GPU,
 # milliseconds on CPU pages.
 COMPACTION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
@@ -143,42 +161,15 @@ class SirConnectorPromMetrics(KVConnectorPromMetrics):
             name="vllm:sir_compacted_tokens",
             documentation="Kept tokens the worker copied into place for session turns.",
             labelnames=labelnames))
-        self.pins_dropped = per_engine(self._counter_cls(
-            name="vllm:sir_pins_dropped",
-            documentation="Idle sessions whose pinned KV was dropped because the KV pool could "
-                          "not hold a new request (least recently used first).",
-            labelnames=labelnames))
-        self.recomputed_tokens = per_engine(self._counter_cls(
-            name="vllm:sir_pin_miss_tokens",
-            documentation="Kept tokens a session request found unpinned and recomputed from "
-                          "their ids (every session request, committed or not).",
-            labelnames=labelnames))
-        self.turns_held = per_engine(self._counter_cls(
-            name="vllm:sir_turns_held",
-            documentation="Session turns that waited for running turns to finish rather than "
-                          "drop idle sessions' pinned KV (--kv-max-running).",
-            labelnames=labelnames))
-        self.offloaded_tokens = per_engine(self._counter_cls(
-            name="vllm:sir_offloaded_tokens",
-            documentation="Tokens of dropped pins saved to host memory (--kv-offload-bytes).",
-            labelnames=labelnames))
-        self.restored_tokens = per_engine(self._counter_cls(
-            name="vllm:sir_restored_tokens",
-            documentation="Kept tokens copied back from host memory instead of recomputed "
-                          "(--kv-offload-bytes).",
-            labelnames=labelnames))
+        self.counts = {key: per_engine(self._counter_cls(name=name, documentation=doc,
+                                                         labelnames=labelnames))
+                       for key, (name, doc) in COUNTER_METRICS.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for seconds, tokens in transfer_stats_data.get(COMPACTIONS, ()):
             self.compaction_seconds[engine_idx].observe(seconds)
             self.compacted_tokens[engine_idx].inc(tokens)
-        if transfer_stats_data.get(PINS_DROPPED):
-            self.pins_dropped[engine_idx].inc(transfer_stats_data[PINS_DROPPED])
-        if transfer_stats_data.get(RECOMPUTED_TOKENS):
-            self.recomputed_tokens[engine_idx].inc(transfer_stats_data[RECOMPUTED_TOKENS])
-        for key, counter in ((TURNS_HELD, self.turns_held),
-                             (OFFLOADED_TOKENS, self.offloaded_tokens),
-                             (RESTORED_TOKENS, self.restored_tokens)):
+        for key, counter in self.counts.items():
             if transfer_stats_data.get(key):
                 counter[engine_idx].inc(transfer_stats_data[key])
 

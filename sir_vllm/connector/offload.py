@@ -11,8 +11,9 @@ session of a pool many times over.
 
 The scheduler role decides everything (`HostIndex`: which sessions are held,
 what is evicted) and sends the worker role an ordered list of operations in
-each step's metadata (`SaveOp`, `RestoreOp`, `ForgetOp`); the worker (its
-`HostStore`) only obeys, in order, before the step's forward pass: so both
+each step's metadata (`SaveOp`, `RestoreOp`, `ForgetOp`); the worker role
+(`SessionWorker.run_host_ops`, its tensors in `kv.offload`) only obeys, in
+order, before the step's forward pass: so both
 sides agree without talking back. Losing an entry only costs a recompute.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from sir_vllm import vllm_adapter
 
@@ -93,15 +95,12 @@ class HostIndex:
         self.entries: OrderedDict[str, Offloaded] = OrderedDict()
         self.ops: list[HostOp] = []
 
-    @staticmethod
-    def configured(extra: dict | None) -> bool:
-        return bool(parse_offload_bytes((extra or {}).get(CONFIG_KEY) or 0))
-
     @classmethod
-    def from_config(cls, extra: dict | None, bytes_per_token: int) -> HostIndex:
-        """The tier `--kv-offload-bytes` asks for, in tokens of `bytes_per_token` each."""
-        value = (extra or {}).get(CONFIG_KEY) or 0
-        return cls(parse_offload_bytes(value) // max(1, bytes_per_token))
+    def from_config(cls, extra: dict | None, bytes_per_token: Callable[[], int]) -> HostIndex:
+        """The tier `--kv-offload-bytes` asks for, in tokens of `bytes_per_token()`
+        bytes each (asked only when the tier is on)."""
+        size = parse_offload_bytes((extra or {}).get(CONFIG_KEY) or 0)
+        return cls(size // max(1, bytes_per_token()) if size else 0)
 
     @property
     def enabled(self) -> bool:

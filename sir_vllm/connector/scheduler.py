@@ -91,8 +91,7 @@ class SessionScheduler:
         self.max_model_len, self.watermark = vllm_adapter.scheduler_limits(vllm_config)
         extra = vllm_adapter.connector_extra_config(vllm_config)
         self.admission = AdmissionRule.from_extra_config(extra)
-        self.host = HostIndex.from_config(extra, vllm_adapter.kv_bytes_per_token(vllm_config)
-                                          if HostIndex.configured(extra) else 1)
+        self.host = HostIndex.from_config(extra, lambda: vllm_adapter.kv_bytes_per_token(vllm_config))
         self.held: set[str] = set()  # request ids the admission rule has held back
         if install_utility:
             vllm_adapter.install_engine_utility(ENGINE_UTILITY, self.handle_query)
@@ -254,8 +253,7 @@ class SessionScheduler:
     # -- the engine utility (API process -> EngineCore, no request) -------
     def handle_query(self, command: str, argument=None):
         if command == EngineQuery.DROP:
-            dropped = sum(self._release(str(key)) | self.host.forget(str(key)) for key in argument or ())
-            return dropped
+            return sum(self._release(str(key)) | self.host.forget(str(key)) for key in argument or ())
         if command == EngineQuery.MOVE:
             src, dst = (str(k) for k in argument)
             for key in (src, dst):  # a saved copy is not moved: that state recomputes
