@@ -167,6 +167,35 @@ def test_a_session_restored_from_a_local_hit_copies_only_the_rest():
     assert restore == RestoreOp("A-2", "A", [4, 5, 6, 7], slots([0, 1, 2], range(4, 8), BS), [0] * 4)
 
 
+def test_a_regenerated_turn_takes_the_shared_prefix_from_the_saved_copy():
+    """Regenerate after the first attempt's pins were dropped and saved: the
+    replayed turn copies the prompt prefix the two share, in place (delta 0),
+    from host memory instead of recomputing it; another keep set gets nothing."""
+    sched = offloading(64)
+    pin(sched, "A", [0, 1], when=1.0)
+    keep = [0, 1, 5, 7]
+    first = next_turn("A", keep)  # A's second turn, loaded from A's pins
+    sched.on_new_request(first)
+    sched.update_state_after_alloc(first, Blocks([2, 3]), 4)
+    sched.request_finished(first, [2, 3])
+    sched.pinned["A"].last_used = 1.0
+    pin(sched, "B", [4, 5], when=2.0)
+    sched.build_connector_meta(None)
+    sched.get_num_new_matched_tokens(req("x", range(10)), 0)  # drops A: saved with its origin
+    assert "A" not in sched.pinned and sched.host.get("A").turn == "A-t2"
+
+    again = next_turn("A", keep)  # the same turn, replayed: it expects A-t1, the copy is A-t2's
+    again.request_id = "A-3"
+    sched.on_new_request(again)
+    assert sched.get_num_new_matched_tokens(again, 0) == (4, False)  # all but one prompt token
+    sched.update_state_after_alloc(again, Blocks([0, 1]), 4)
+    restore = sched.build_connector_meta(None).host_ops[-1]
+    assert restore == RestoreOp("A-3", "A", [0, 1, 2, 3], slots([0, 1], range(4), BS), [0] * 4)
+    assert sched.recomputed["A-3"] == 0
+    other = next_turn("A", [0, 1, 5, 6])  # another keep set: not the same origin
+    assert sched.get_num_new_matched_tokens(other, 0) == (0, False)
+
+
 def test_without_room_in_the_tier_a_dropped_session_recomputes():
     sched = offloading(8)  # one session's 8 tokens
     pin(sched, "A", [0, 1], when=1.0)

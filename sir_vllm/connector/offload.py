@@ -82,6 +82,7 @@ class Offloaded:
     token_ids: list[int]  # position = index, as in the pins
     turn: str  # the turn that left the pins
     name: str = ""
+    origin: tuple | None = None  # what that turn started from: a regenerated turn shares its prefix
 
 
 class HostIndex:

@@ -8,7 +8,8 @@ first slots. The old pins are released when that next turn finishes and pins
 its own blocks. A peek loads the same way and changes no pin when it finishes.
 A turn that starts where the pinned one started (a regenerated answer: the
 session rolled back one turn) takes the prompt prefix the two share from the
-pins as they are, so it sees exactly the KV the first attempt saw.
+pins as they are (or from their saved copy in the host tier), so it sees
+exactly the KV the first attempt saw.
 
 Pins of idle sessions hold pool blocks. When a request arrives that the free
 blocks cannot hold (`get_num_new_matched_tokens`, called for every request the
@@ -103,22 +104,31 @@ class SessionScheduler:
 
     def _sources(self, request, p: TurnParams, quiet: bool = False) -> list[int] | None:
         """Positions in the pinned blocks whose KV the request's first tokens take
-        (token i from position sources[i]), or None when the pins cannot serve it.
+        (token i from position sources[i]), or None when the pins cannot serve it."""
+        return self._sources_in(self.pinned.get(p.load_key), request, p, quiet)
 
-        Two ways: the pins hold the state the turn starts from (`expect`): its
-        kept tokens, re-rotated to their new places; or the pins were left by a
-        turn with the same origin (a regenerated answer rolls back one turn and
+    def _offloaded_sources(self, request, p: TurnParams) -> list[int] | None:
+        """The same, from the host tier's copy of the state (its pins were
+        dropped for pool pressure and saved)."""
+        return self._sources_in(self.host.get(p.load_key), request, p, True)
+
+    def _sources_in(self, state: Pinned | Offloaded | None, request, p: TurnParams,
+                    quiet: bool) -> list[int] | None:
+        """Positions in `state` (pins or their saved copy) the request's first tokens take.
+
+        Two ways: the state is the one the turn starts from (`expect`): its
+        kept tokens, re-rotated to their new places; or it was left by a turn
+        with the same origin (a regenerated answer rolls back one turn and
         replays it): the prompt prefix the two share, in place (Δ = 0), exactly
         the KV the first one computed."""
-        pin = self.pinned.get(p.load_key)
-        if pin is None or p.expect is None:
+        if state is None or p.expect is None:
             return None
         prompt = vllm_adapter.prompt_token_ids(request)
-        if pin.turn == p.expect and len(pin.token_ids) == p.old_len:
-            return self._kept_prefix(pin.token_ids, p, prompt, quiet)
-        if pin.origin is not None and pin.origin == origin_of(p):
-            limit = min(len(prompt) - 1, len(pin.token_ids))  # pitfall 4: one token to compute
-            shared = next((i for i in range(limit) if pin.token_ids[i] != prompt[i]), limit)
+        if state.turn == p.expect and len(state.token_ids) == p.old_len:
+            return self._kept_prefix(state.token_ids, p, prompt, quiet)
+        if state.origin is not None and state.origin == origin_of(p):
+            limit = min(len(prompt) - 1, len(state.token_ids))  # pitfall 4: one token to compute
+            shared = next((i for i in range(limit) if state.token_ids[i] != prompt[i]), limit)
             return list(range(shared)) if shared else None
         return None
 
@@ -133,14 +143,6 @@ class SessionScheduler:
             logger.warning("sir-vllm: session %s: prompt does not start with the kept tokens; "
                            "recomputing", p.name or p.key)
         return None
-
-    def _offloaded_sources(self, request, p: TurnParams) -> list[int] | None:
-        """Like `_sources`, from the host tier's copy of the state the turn starts
-        from (its pins were dropped for pool pressure and saved)."""
-        entry = self.host.get(p.load_key) if p.expect is not None else None
-        if entry is None or entry.turn != p.expect or len(entry.token_ids) != p.old_len:
-            return None
-        return self._kept_prefix(entry.token_ids, p, vllm_adapter.prompt_token_ids(request), True)
 
     def _release(self, session: str) -> bool:
         pin = self.pinned.pop(session, None)
@@ -176,7 +178,7 @@ class SessionScheduler:
     def _drop(self, key: str, request, free: int, need: int, why: str) -> int:
         """Release `key`'s pins for `request` (a log line); the free blocks after."""
         pin = self.pinned[key]
-        saved = self.host.save(key, Offloaded(pin.token_ids, pin.turn, pin.name),
+        saved = self.host.save(key, Offloaded(pin.token_ids, pin.turn, pin.name, pin.origin),
                                slots(pin.block_ids, range(len(pin.token_ids)), self.block_size))
         self._release(key)
         self.dropped_total += 1
