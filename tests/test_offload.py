@@ -324,3 +324,36 @@ def test_a_dropped_session_restored_from_host_memory_answers_as_if_pinned(offloa
     restored = [float(line.split()[-1]) for line in metrics.splitlines()
                 if line.startswith("vllm:sir_restored_tokens_total")]
     assert restored and sum(restored) >= a["session"]["loaded_tokens"]
+
+
+def chat(server, sid, messages):
+    return requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": SERVED_NAME, "messages": messages, "max_tokens": 8, "temperature": 0.0,
+        "session_id": sid, "return_token_ids": True, "ignore_eos": True}).json()
+
+
+def test_a_regenerated_answer_whose_pins_were_saved_replays_from_host_memory(offload_server):
+    """Regenerate after the pool dropped the first attempt's pins: the saved
+    copy serves the replayed prompt (nothing recomputed) and the answer is
+    the first attempt's, token for token."""
+    tag = uuid.uuid4().hex[:6]
+    sid = {k: f"regen-{tag}-{k}" for k in ("R", "X", "Y", "Z", "W")}
+    history = [{"role": "user", "content": "Hi, I am Ada. The secret word is apple."}]
+    history.append({"role": "assistant",
+                    "content": chat(offload_server, sid["R"], history)["choices"][0]["message"]["content"]})
+    history.append({"role": "user", "content": "What was the secret word?"})
+    first = chat(offload_server, sid["R"], history)  # R's pins: one block, left by this attempt
+    assert first["session"]["loaded_tokens"] > 0 and first["session"]["turns"] == 2
+    assert len(first["prompt_token_ids"]) + 8 <= BLOCK_TOKENS
+    for k in ("X", "Y", "Z"):  # three more one-block pins fill the pool
+        turn(offload_server, sid[k], FIRST.format(k=k))
+    turn(offload_server, sid["W"], FIRST.format(k="W"))  # drops R's pins, the least recent: saved
+    log = offload_server.log_path.read_text(errors="replace")
+    assert f"session {sid['R']!r}" in log
+
+    again = chat(offload_server, sid["R"], history)  # the history without the last answer
+    s = again["session"]
+    assert s["rolled_back_turns"] == 1 and s["turns"] == 2 and s["rebuilt"] is False
+    assert s["recomputed_tokens"] == 0 and s["loaded_tokens"] > 0
+    assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+    assert again["prompt_token_ids"] == first["prompt_token_ids"]
