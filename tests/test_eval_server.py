@@ -85,6 +85,38 @@ def test_eval_compare_lists_each_flip_with_both_margins(tmp_path, capsys):
         compare(a, b)
 
 
+def test_eval_compare_pairs_the_rows_and_pools_several_pairs(tmp_path, capsys):
+    """Which run is right more often, and by chance? McNemar's exact test on
+    the rows right in one run only, per kind; more pairs pooled into one."""
+    from sir_vllm.eval.compare import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(10, 1) == pytest.approx(24 / 2048)  # 2 * (1 + 11) / 2**11
+    assert mcnemar_exact(6, 0) == mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    flat = [[-1.0, -2.0, -3.0]] * 6
+    a = _result([0, 0, 0, 0, 1, 0], flat)  # gold 0: A right on 5 of 6
+    b = _result([0, 1, 1, 1, 1, 0], flat, "server")  # right on 2; only A: 3, only B: 0
+    for row in a["predictions"][:2] + b["predictions"][:2]:
+        row["kind"] = "key"
+    cmp = compare(a, b)
+    assert cmp["paired"]["all"] == {"n": 6, "right": [5, 2], "only_a": 3, "only_b": 0,
+                                    "mcnemar_p": pytest.approx(0.25)}
+    assert cmp["paired"]["key"]["right"] == [2, 1] and cmp["paired"]["csqa"]["only_a"] == 2
+    paths = []
+    for i, res in enumerate((a, b, a, b)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(res))
+    out = tmp_path / "pooled.json"
+    assert main(["eval-compare", *map(str, paths), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "right in r0.json only 3, in r1.json only 0 (McNemar exact, two-sided p = 0.25)" in printed
+    pooled = json.loads(out.read_text())["pooled"]["all"]
+    assert (pooled["n"], pooled["only_a"], pooled["only_b"]) == (12, 6, 0)
+    assert pooled["mcnemar_p"] == pytest.approx(2 / 64)
+    assert main(["eval-compare", *map(str, paths[:3])]) == 2
+    assert "in pairs (A B [A2 B2 ...]), got 3" in capsys.readouterr().err
+
+
 def test_an_unreachable_server_is_a_message_not_a_traceback(bundled_model, capsys):
     assert main(["eval", "grocery", "--backend", "server", "--url", "http://127.0.0.1:9",
                  "--model", str(bundled_model), "--policy", "sirllm", "--limit", "1"]) == 2
