@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from sir_vllm.connector.offload import (ForgetOp, HostIndex, Offloaded, RestoreOp,  # noqa: E402
-                                        SaveOp, parse_offload_bytes)
+from sir_vllm.connector.offload import (ForgetOp, HostIndex, MoveOp, Offloaded,  # noqa: E402
+                                        RestoreOp, SaveOp, parse_offload_bytes)
 from sir_vllm.connector.protocol import EngineQuery, TurnParams, TurnReply  # noqa: E402
 from sir_vllm.connector.scheduler import slots  # noqa: E402
 from sir_vllm.connector.worker import SessionWorker  # noqa: E402
@@ -229,17 +229,44 @@ def test_a_saved_copy_of_another_turn_is_never_loaded():
     assert sched.get_num_new_matched_tokens(other, 0) == (0, False)
 
 
-def test_deleting_or_moving_a_session_forgets_its_saved_copy():
+def test_deleting_a_session_forgets_its_saved_copy():
     sched = offloading(64)
     pin(sched, "A", [0, 1], when=1.0)
-    pin(sched, "B", [2, 3], when=2.0)
-    pin(sched, "C", [4, 5], when=3.0)
-    sched.get_num_new_matched_tokens(req("x", range(10)), 0)  # drops A and B: both saved
+    pin(sched, "B", [2, 3, 4, 5], when=2.0)
+    sched.get_num_new_matched_tokens(req("x", range(6)), 0)  # drops A: saved
     sched.build_connector_meta(None)
     assert sched.handle_query(EngineQuery.DROP, ["A"]) == 1
-    assert sched.handle_query(EngineQuery.MOVE, ["B", "Z"]) is False  # no pins to move
-    assert sched.host.entries == {}
-    assert sched.build_connector_meta(None).host_ops == [ForgetOp("A"), ForgetOp("B")]
+    assert sched.host.entries == {} and sched.handle_query(EngineQuery.DROP, ["A"]) == 0
+    assert sched.build_connector_meta(None).host_ops == [ForgetOp("A")]
+
+
+def test_a_long_turn_whose_pins_were_saved_moves_the_copy_to_the_session():
+    """A long turn's last pass pins under its own key, then the API MOVEs them
+    to the session's. Dropped (and saved) in between, the copy moves instead,
+    replacing the session's older one, and the session's next turn restores
+    from it rather than recomputing."""
+    sched = offloading(64)
+    pin(sched, "S", [0, 1], when=1.0)  # the session's state before the long turn
+    pin(sched, "L", [2, 3], when=2.0)  # the long turn's last pass (turn L-t1)
+    pin(sched, "C", [4, 5], when=3.0)
+    sched.get_num_new_matched_tokens(req("x", range(10)), 0)  # drops S then L: both saved
+    assert set(sched.host.entries) == {"S", "L"}
+    sched.build_connector_meta(None)
+    assert sched.handle_query(EngineQuery.MOVE, ["L", "S"]) is True
+    assert list(sched.host.entries) == ["S"] and sched.host.get("S").turn == "L-t1"
+    assert sched.build_connector_meta(None).host_ops == [ForgetOp("S"), MoveOp("L", "S")]
+    assert sched.handle_query(EngineQuery.MOVE, ["L", "S"]) is False  # nothing left under L
+    assert list(sched.host.entries) == ["S"] and sched.build_connector_meta(None).host_ops == []
+
+    keep = [0, 1, 5, 7]
+    s2 = req("S-2", [[*range(100, 107), 7][i] for i in keep] + [50],
+             TurnParams(key="S", turn="S-t2", old_len=8, keep=keep, expect="L-t1"),
+             computed=5, output=[9, 9])
+    sched.on_new_request(s2)
+    assert sched.get_num_new_matched_tokens(s2, 0) == (4, False)  # from the moved copy
+    sched.update_state_after_alloc(s2, Blocks([0, 1]), 4)
+    assert sched.build_connector_meta(None).host_ops == [
+        RestoreOp("S-2", "S", keep, slots([0, 1], range(4), BS), [0, 0, -3, -4])]
 
 
 # ---- the worker role: the plan, in order, on synthetic caches ------------------
@@ -258,6 +285,12 @@ def test_the_worker_saves_restores_and_forgets_in_the_planned_order(kind):
         torch.testing.assert_close(k_got, ref_rope(raw[i][0][old], torch.arange(6), 64, True),
                                    atol=3e-5, rtol=0)
         assert torch.equal(v_got, raw[i][1][old])
+    worker.run_host_ops([SaveOp("B", src)])
+    b = worker.host["B"]
+    worker.run_host_ops([ForgetOp("A"), MoveOp("B", "A")])  # B's copy is A's now
+    assert list(worker.host) == ["A"] and worker.host["A"] is b
+    worker.run_host_ops([MoveOp("gone", "A")])  # a copy this rank never got: A's stays
+    assert worker.host["A"] is b
     worker.run_host_ops([ForgetOp("A")])
     assert worker.host == {}
     with pytest.raises(RuntimeError, match="no host copy of session key A"):

@@ -11,7 +11,7 @@ session of a pool many times over.
 
 The scheduler role decides everything (`HostIndex`: which sessions are held,
 what is evicted) and sends the worker role an ordered list of operations in
-each step's metadata (`SaveOp`, `RestoreOp`, `ForgetOp`); the worker role
+each step's metadata (`SaveOp`, `RestoreOp`, `ForgetOp`, `MoveOp`); the worker role
 (`SessionWorker.run_host_ops`, its tensors in `kv.offload`) only obeys, in
 order, before the step's forward pass: so both
 sides agree without talking back. Losing an entry only costs a recompute.
@@ -70,7 +70,15 @@ class ForgetOp:
     key: str
 
 
-HostOp = SaveOp | RestoreOp | ForgetOp
+@dataclass
+class MoveOp:
+    """Hold host entry `src` under `dst` (a long turn's state becomes the session's)."""
+
+    src: str
+    dst: str
+
+
+HostOp = SaveOp | RestoreOp | ForgetOp | MoveOp
 
 
 # --- the scheduler's side ---------------------------------------------------
@@ -137,6 +145,17 @@ class HostIndex:
         """Plan a copy back; the entry stays until the turn's new pins replace it."""
         self.entries.move_to_end(key)
         self.ops.append(RestoreOp(req_id, key, list(index), list(dst_slots), list(delta)))
+
+    def move(self, src: str, dst: str) -> bool:
+        """Put `src`'s copy under `dst`, whose own copy (an older state) goes;
+        False, and nothing changed, when `src` has none."""
+        entry = self.entries.pop(src, None)
+        if entry is None:
+            return False
+        self.forget(dst)
+        self.entries[dst] = entry
+        self.ops.append(MoveOp(src, dst))
+        return True
 
     def forget(self, key: str) -> bool:
         if self.entries.pop(key, None) is None:

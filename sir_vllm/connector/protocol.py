@@ -121,6 +121,6 @@ class EngineQuery:
     """Commands of the engine utility: `(command, argument)` pairs, plain data."""
 
     DROP = "drop"  # argument: list of session keys -> number of sessions whose pins were freed
-    MOVE = "move"  # argument: [from key, to key] -> the pins now under `to` (its old ones freed)
+    MOVE = "move"  # argument: [from key, to key] -> the pins (or their saved copy) now under `to`
     REPLY = "reply"  # argument: turn id -> TurnReply as a dict, or None
     STATS = "stats"  # argument: None -> PoolStats as a dict

@@ -258,11 +258,11 @@ class SessionScheduler:
             return sum(self._release(str(key)) | self.host.forget(str(key)) for key in argument or ())
         if command == EngineQuery.MOVE:
             src, dst = (str(k) for k in argument)
-            for key in (src, dst):  # a saved copy is not moved: that state recomputes
-                self.host.forget(key)
             pin = self.pinned.pop(src, None)
-            if pin is None:
-                return False
+            if pin is None:  # dropped for pool pressure: its saved copy, if any, moves
+                return self.host.move(src, dst)
+            for key in (src, dst):  # copies of older states than the pins'
+                self.host.forget(key)
             self._release(dst)
             self.pinned[dst] = pin
             return True

@@ -22,7 +22,7 @@ import time
 
 from sir_vllm import vllm_adapter
 from sir_vllm.connector.metrics import CompactionTimer, SirConnectorStats, cuda_events
-from sir_vllm.connector.offload import ForgetOp, RestoreOp, SaveOp
+from sir_vllm.connector.offload import ForgetOp, MoveOp, RestoreOp, SaveOp
 from sir_vllm.kv import copy_kept_tokens, layout_for
 from sir_vllm.kv.offload import restore_tokens, save_tokens
 
@@ -59,6 +59,10 @@ class SessionWorker:
                 self.host[op.key] = save_tokens(self.kv_caches, self.layout, op.src_slots)
             elif isinstance(op, ForgetOp):
                 self.host.pop(op.key, None)
+            elif isinstance(op, MoveOp):
+                saved = self.host.pop(op.src, None)
+                if saved is not None:
+                    self.host[op.dst] = saved
             elif isinstance(op, RestoreOp):
                 saved = self.host.get(op.key)
                 if saved is None:  # the scheduler planned from an entry this rank never got
