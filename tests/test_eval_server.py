@@ -158,7 +158,7 @@ def test_peeks_leave_the_session_as_it_was(session_client, session_server, tok):
     assert peeks[0]["session"]["loaded_tokens"] == 24 - reserve < len(first)  # it evicted
     assert info(session_server, a) == before
     ra = prefill(session_client, a, nxt + cands[1], kv_policy=small, session_reserve_tokens=reserve)
-    rb = prefill(session_client, b, nxt + cands[1], kv_policy=small, session_reserve_tokens=reserve)
+    prefill(session_client, b, nxt + cands[1], kv_policy=small, session_reserve_tokens=reserve)
     assert ra["session"]["recomputed_tokens"] == 0  # the peeks left the engine's pins alone
     ia, ib = info(session_server, a), info(session_server, b)
     assert [t["id"] for t in ia["tokens"]] == [t["id"] for t in ib["tokens"]]
