@@ -115,11 +115,13 @@ def offloading(capacity_tokens):
     return sched
 
 
-def next_turn(key, keep, new=(50,)):
-    """Session `key`'s second turn keeping `keep` of its first turn's 8 tokens."""
+def next_turn(key, keep, new=(50,), expect=None):
+    """Session `key`'s second turn keeping `keep` of the 8 tokens pin() left
+    (turn `expect`, by default `key`'s first)."""
     first = [*range(100, 107), 7]  # pin(): the first turn's prompt and answer
     return req(f"{key}-2", [first[i] for i in keep] + list(new),
-               TurnParams(key=key, turn=f"{key}-t2", old_len=8, keep=list(keep), expect=f"{key}-t1"),
+               TurnParams(key=key, turn=f"{key}-t2", old_len=8, keep=list(keep),
+                          expect=expect or f"{key}-t1"),
                computed=len(keep) + len(new), output=[9, 9])
 
 
@@ -259,9 +261,7 @@ def test_a_long_turn_whose_pins_were_saved_moves_the_copy_to_the_session():
     assert list(sched.host.entries) == ["S"] and sched.build_connector_meta(None).host_ops == []
 
     keep = [0, 1, 5, 7]
-    s2 = req("S-2", [[*range(100, 107), 7][i] for i in keep] + [50],
-             TurnParams(key="S", turn="S-t2", old_len=8, keep=keep, expect="L-t1"),
-             computed=5, output=[9, 9])
+    s2 = next_turn("S", keep, expect="L-t1")  # the state the long turn left
     sched.on_new_request(s2)
     assert sched.get_num_new_matched_tokens(s2, 0) == (4, False)  # from the moved copy
     sched.update_state_after_alloc(s2, Blocks([0, 1]), 4)
@@ -315,10 +315,15 @@ def offload_server(bundled_model, tmp_path_factory):
     proc.stop()
 
 
+def session_request(server, endpoint, sid, **body):
+    """One greedy 8-token session turn, its token ids returned."""
+    return requests.post(f"{server.url}/v1/{endpoint}", timeout=300, json={
+        "model": SERVED_NAME, "max_tokens": 8, "temperature": 0.0, "session_id": sid,
+        "return_token_ids": True, "ignore_eos": True, **body}).json()
+
+
 def turn(server, sid, prompt):
-    return requests.post(server.url + "/v1/completions", timeout=300, json={
-        "model": SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "logprobs": 0,
-        "session_id": sid, "return_token_ids": True, "ignore_eos": True}).json()
+    return session_request(server, "completions", sid, prompt=prompt, logprobs=0)
 
 
 FIRST = ("Session {k}: my name is Ada and the secret word is apple. I live in a small town by "
@@ -360,9 +365,7 @@ def test_a_dropped_session_restored_from_host_memory_answers_as_if_pinned(offloa
 
 
 def chat(server, sid, messages):
-    return requests.post(server.url + "/v1/chat/completions", timeout=300, json={
-        "model": SERVED_NAME, "messages": messages, "max_tokens": 8, "temperature": 0.0,
-        "session_id": sid, "return_token_ids": True, "ignore_eos": True}).json()
+    return session_request(server, "chat/completions", sid, messages=messages)
 
 
 def test_a_regenerated_answer_whose_pins_were_saved_replays_from_host_memory(offload_server):
